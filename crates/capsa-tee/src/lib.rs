@@ -43,6 +43,7 @@ pub mod azure;
 pub mod claims;
 pub mod dcap;
 pub mod encoding;
+// pub mod evidence; (enabled once azure lands)
 pub mod sim;
 pub mod snp;
 

@@ -10,7 +10,7 @@ use crate::claims::AttestationType;
 
 /// The Organization of every certificate the sim platform issues. A root
 /// with it is never AMD's, and is trusted only under [`SimTrust`].
-pub const SIM_ORGANIZATION: &str = "capsa sim platform (no hardware protection)";
+pub use crate::sim::SIM_ORGANIZATION;
 
 const PINNED: [(Product, &[u8]); 3] = [
     (Product::Milan, include_bytes!("../../roots/milan_ask_ark_asvk.pem")),

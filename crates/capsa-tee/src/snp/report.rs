@@ -342,6 +342,101 @@ impl Report {
     }
 }
 
+impl Report {
+    /// Every field as (name, value) text, in report order, for display. SPLs
+    /// are decoded for `product` when known (from CPUID in v3+ reports).
+    pub fn describe(&self, product: Option<Product>) -> Vec<(String, String)> {
+        let product = product.or(self.cpuid.and_then(CpuId::product));
+        let tcb = |t: RawTcb| match product {
+            Some(p) => {
+                let v = t.decode(p);
+                let fmc = v.fmc.map(|f| format!(" fmc={f}")).unwrap_or_default();
+                format!("{:016x} (bootloader={} tee={} snp={} microcode={}{fmc})", t.as_u64(), v.bootloader, v.tee, v.snp, v.microcode)
+            }
+            None => format!("{:016x} (product unknown: pass a VCEK to decode)", t.as_u64()),
+        };
+        let p = &self.policy;
+        let mut rows = vec![
+            ("version", self.version.to_string()),
+            ("guest_svn", self.guest_svn.to_string()),
+            (
+                "policy",
+                format!(
+                    "{:#x} (abi {}.{}, smt_allowed={}, migrate_ma={}, debug={}, single_socket={}, cxl={}, mem_aes_256_xts={}, rapl_dis={}, ciphertext_hiding={}, page_swap_disabled={})",
+                    self.policy_raw,
+                    p.abi_major(),
+                    p.abi_minor(),
+                    p.smt_allowed(),
+                    p.migrate_ma_allowed(),
+                    p.debug_allowed(),
+                    p.single_socket_required(),
+                    p.cxl_allowed(),
+                    p.mem_aes_256_xts(),
+                    p.rapl_dis(),
+                    p.ciphertext_hiding(),
+                    p.page_swap_disabled()
+                ),
+            ),
+            ("family_id", hex::encode(self.family_id)),
+            ("image_id", hex::encode(self.image_id)),
+            ("vmpl", self.vmpl.to_string()),
+            ("signature_algo", format!("{} (ECDSA P-384 with SHA-384)", self.signature_algo)),
+            ("current_tcb", tcb(self.current_tcb)),
+            (
+                "platform_info",
+                format!(
+                    "{:#x} (smt={}, tsme={}, ecc={}, rapl_disabled={}, ciphertext_hiding={}, alias_check_complete={}, tio={})",
+                    u64::from(self.platform_info),
+                    self.platform_info.smt_enabled(),
+                    self.platform_info.tsme_enabled(),
+                    self.platform_info.ecc_enabled(),
+                    self.platform_info.rapl_disabled(),
+                    self.platform_info.ciphertext_hiding_enabled(),
+                    self.platform_info.alias_check_complete(),
+                    self.platform_info.tio_enabled()
+                ),
+            ),
+            (
+                "key_info",
+                format!(
+                    "{:#x} (author_key_en={}, mask_chip_key={}, signing_key={})",
+                    u32::from(self.key_info),
+                    self.key_info.author_key_en(),
+                    self.key_info.mask_chip_key(),
+                    self.signing_key().as_str()
+                ),
+            ),
+            ("report_data", hex::encode(self.report_data)),
+            ("measurement", hex::encode(self.measurement)),
+            ("host_data", hex::encode(self.host_data)),
+            ("id_key_digest", hex::encode(self.id_key_digest)),
+            ("author_key_digest", hex::encode(self.author_key_digest)),
+            ("report_id", hex::encode(self.report_id)),
+            ("report_id_ma", hex::encode(self.report_id_ma)),
+            ("reported_tcb", tcb(self.reported_tcb)),
+        ];
+        if let Some(c) = self.cpuid {
+            let name = c.product().map_or("unknown", Product::name);
+            rows.push(("cpuid", format!("family {:#x} model {:#x} stepping {:#x} ({name})", c.family, c.model, c.stepping)));
+        }
+        let chip_id = if self.chip_id_masked() { "masked (all zero)".to_owned() } else { hex::encode(self.chip_id) };
+        rows.extend([
+            ("chip_id", chip_id),
+            ("committed_tcb", tcb(self.committed_tcb)),
+            ("current_version", self.current_version.to_string()),
+            ("committed_version", self.committed_version.to_string()),
+            ("launch_tcb", tcb(self.launch_tcb)),
+        ]);
+        if let (Some(l), Some(c)) = (self.launch_mit_vector, self.current_mit_vector) {
+            rows.push(("launch_mit_vector", format!("{l:#x}")));
+            rows.push(("current_mit_vector", format!("{c:#x}")));
+        }
+        rows.push(("signature_r", hex::encode(self.signature_r)));
+        rows.push(("signature_s", hex::encode(self.signature_s)));
+        rows.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+    }
+}
+
 fn cpuid(f: &Fields<'_>) -> CpuId {
     CpuId { family: f.u8(0x188), model: f.u8(0x189), stepping: f.u8(0x18A) }
 }
