@@ -63,7 +63,9 @@ pub enum AttestError {
         reason: String,
     },
     /// Another writer changed the report entry during the request.
-    #[error("configfs-tsm report generation changed from {expected} to {found}: another process requested a report concurrently; retry")]
+    #[error(
+        "configfs-tsm report generation changed from {expected} to {found}: another process requested a report concurrently; retry"
+    )]
     Race {
         /// The generation after our write.
         expected: u64,
@@ -166,15 +168,16 @@ impl Drop for TsmEntry {
 }
 
 fn read_attr(dir: &Path, name: &str) -> Result<Vec<u8>, AttestError> {
-    std::fs::read(dir.join(name)).map_err(|e| AttestError::Firmware { what: "configfs-tsm", reason: format!("reading {name}: {e}") })
+    std::fs::read(dir.join(name))
+        .map_err(|e| AttestError::Firmware { what: "configfs-tsm", reason: format!("reading {name}: {e}") })
 }
 
 fn generation(dir: &Path) -> Result<u64, AttestError> {
     let text = read_attr(dir, "generation")?;
-    String::from_utf8_lossy(&text).trim().parse().map_err(|_| AttestError::Response {
-        what: "configfs-tsm",
-        reason: "generation is not a number".into(),
-    })
+    String::from_utf8_lossy(&text)
+        .trim()
+        .parse()
+        .map_err(|_| AttestError::Response { what: "configfs-tsm", reason: "generation is not a number".into() })
 }
 
 impl Attester for ConfigFsTsmAttester {

@@ -77,7 +77,8 @@ pub fn endorsement(input: &[u8]) -> Result<Endorsement, EncodingError> {
         let mut certs = parse_pem_certs(trimmed).map_err(bad)?.into_iter();
         let leaf_der = certs.next().ok_or_else(|| bad("no CERTIFICATE block".into()))?;
         let rest: Vec<Vec<u8>> = certs.collect();
-        let chain_pem = (!rest.is_empty()).then(|| rest.iter().map(|der| pem("CERTIFICATE", der)).collect::<String>().into_bytes());
+        let chain_pem =
+            (!rest.is_empty()).then(|| rest.iter().map(|der| pem("CERTIFICATE", der)).collect::<String>().into_bytes());
         return Ok(Endorsement { leaf_der, chain_pem });
     }
     Ok(Endorsement { leaf_der: input.to_vec(), chain_pem: None })

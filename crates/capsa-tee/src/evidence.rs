@@ -177,19 +177,19 @@ pub fn describe(tee: Tee, evidence: &[u8]) -> Result<Vec<(String, String)>, Evid
 /// to fetch it from on a connected machine.
 fn missing_vcek(report: &[u8]) -> EvidenceError {
     let hint = Report::parse(report).ok().filter(|r| !r.chip_id_masked()).map(|r| {
-        let products: Vec<&str> = match r.cpuid.and_then(crate::snp::CpuId::product) {
-            Some(p) => vec![p.name()],
-            None => vec!["Milan", "Genoa"],
+        let product = r.cpuid.and_then(crate::snp::CpuId::product);
+        let tcb = r.reported_tcb.decode(product.unwrap_or(crate::snp::Product::Milan));
+        // Turin's KDS keys VCEKs by the 8-byte hwID prefix and adds the FMC SPL.
+        let (hw_id, fmc) = match product {
+            Some(crate::snp::Product::Turin) => {
+                (hex::encode(r.chip_id.get(..8).unwrap_or_default()), format!("&fmcSPL={}", tcb.fmc.unwrap_or(0)))
+            }
+            _ => (hex::encode(r.chip_id), String::new()),
         };
-        let product = products.join("|");
-        let tcb = r.reported_tcb.decode(crate::snp::Product::Milan);
+        let product = product.map_or("Milan|Genoa", crate::snp::Product::name);
         format!(
-            "; fetch it on a connected machine from https://kdsintf.amd.com/vcek/v1/{product}/{}?blSPL={}&teeSPL={}&snpSPL={}&ucodeSPL={}",
-            hex::encode(r.chip_id),
-            tcb.bootloader,
-            tcb.tee,
-            tcb.snp,
-            tcb.microcode
+            "; fetch it on a connected machine from https://kdsintf.amd.com/vcek/v1/{product}/{hw_id}?blSPL={}&teeSPL={}&snpSPL={}&ucodeSPL={}{fmc}",
+            tcb.bootloader, tcb.tee, tcb.snp, tcb.microcode
         )
     });
     EvidenceError::MissingEndorsement(format!(

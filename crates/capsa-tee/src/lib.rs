@@ -12,7 +12,9 @@
 //!   runtime claims and a TPM quote;
 //! - [`sim`]: the sim platform, a software stand-in for the SNP security
 //!   processor with its own root of trust, for machines without TEE hardware;
-//! - [`attest`]: attesters that obtain evidence inside a guest.
+//! - [`attest`]: attesters that obtain evidence inside a guest;
+//! - [`evidence`]: one entry point that decodes inputs and dispatches to the
+//!   right verifier, shared by the CLI and the trust service.
 //!
 //! Every verifier returns [`claims::Claims`], which can only be had by
 //! verifying. The crate knows nothing of HTTP, policies or containers.
@@ -25,17 +27,12 @@
 //! let verifier = Verifier::new(RootStore::amd());
 //! let at = time::OffsetDateTime::now_utc();
 //! let chain = verifier.verify_chain(&vcek, None, at)?;
-//! let claims = chain.verify_report(&report, &Appraisal::default())?;
-//! println!("{}", claims.launch_measurement);
+//! let verified = chain.verify_report(&report, &Appraisal::default())?;
+//! println!("{}", serde_json::to_string_pretty(verified.claims())?);
 //! # Ok(()) }
 //! ```
 #![forbid(unsafe_code)]
-#![deny(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::indexing_slicing,
-    clippy::panic
-)]
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
 
 pub mod attest;
@@ -43,7 +40,7 @@ pub mod azure;
 pub mod claims;
 pub mod dcap;
 pub mod encoding;
-// pub mod evidence; (enabled once azure lands)
+pub mod evidence;
 pub mod sim;
 pub mod snp;
 

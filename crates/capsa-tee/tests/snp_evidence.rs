@@ -2,9 +2,7 @@
 //! PROVENANCE.md) and every tampered variant of it that must be refused.
 
 use capsa_tee::AttestationType;
-use capsa_tee::snp::{
-    Appraisal, AppraisalError, ChainError, CertError, RootStore, SIGNED_LEN, SnpError, Verifier,
-};
+use capsa_tee::snp::{Appraisal, AppraisalError, CertError, ChainError, RootStore, SIGNED_LEN, SnpError, Verifier};
 use time::macros::datetime;
 
 const EVIDENCE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/testdata/evidence");
@@ -84,10 +82,7 @@ fn every_flipped_signature_or_trailing_byte_is_refused() {
 fn invalid_vceks_are_refused() {
     for name in ["snp/vcek-invalid-legacy.der", "snp/vcek-invalid-new.der"] {
         let err = verifier().verify_chain(&read(name), None, WITHIN_VALIDITY).unwrap_err();
-        assert!(
-            matches!(err, ChainError::Cert(CertError::Signature { role: "VCEK", .. })),
-            "{name}: unexpected {err}"
-        );
+        assert!(matches!(err, ChainError::Cert(CertError::Signature { role: "VCEK", .. })), "{name}: unexpected {err}");
     }
 }
 
@@ -107,18 +102,21 @@ fn a_chain_whose_ask_is_swapped_for_another_products_is_refused() {
     let genoa = capsa_tee::snp::parse_pem_certs(&read("snp/amd/genoa_ask_ark_asvk.pem")).unwrap();
     let pem = |der: &[u8]| {
         use base64::Engine as _;
-        format!("-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n", base64::engine::general_purpose::STANDARD.encode(der))
+        format!(
+            "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+            base64::engine::general_purpose::STANDARD.encode(der)
+        )
     };
     let mixed = format!("{}{}", pem(&milan[0]), pem(&genoa[1]));
-    let err = verifier().verify_chain(&read("snp/milan-v2-vcek.der"), Some(mixed.as_bytes()), WITHIN_VALIDITY).unwrap_err();
+    let err =
+        verifier().verify_chain(&read("snp/milan-v2-vcek.der"), Some(mixed.as_bytes()), WITHIN_VALIDITY).unwrap_err();
     assert!(matches!(err, ChainError::MissingCert { role: "ARK", .. }), "{err}");
 }
 
 #[test]
 fn a_report_checked_after_the_vceks_validity_is_refused() {
-    let err = verifier()
-        .verify_chain(&read("snp/milan-v2-vcek.der"), None, datetime!(2030-01-25 00:00 UTC))
-        .unwrap_err();
+    let err =
+        verifier().verify_chain(&read("snp/milan-v2-vcek.der"), None, datetime!(2030-01-25 00:00 UTC)).unwrap_err();
     assert!(matches!(err, ChainError::Cert(CertError::Validity { role: "VCEK", .. })), "{err}");
     let err = verifier().verify_chain(&read("snp/vlek.der"), None, datetime!(2025-12-11 00:00 UTC)).unwrap_err();
     assert!(matches!(err, ChainError::Cert(CertError::Validity { role: "VLEK", .. })), "{err}");

@@ -194,10 +194,10 @@ impl AmdCert {
     /// Parses the first certificate of a PEM document.
     pub fn from_pem(role: &'static str, pem: &[u8]) -> Result<Self, CertError> {
         let docs = parse_pem_certs(pem).map_err(|reason| CertError::Malformed { role, reason })?;
-        let first = docs.into_iter().next().ok_or_else(|| CertError::Malformed {
-            role,
-            reason: "no CERTIFICATE block in PEM input".into(),
-        })?;
+        let first = docs
+            .into_iter()
+            .next()
+            .ok_or_else(|| CertError::Malformed { role, reason: "no CERTIFICATE block in PEM input".into() })?;
         Self::from_der(role, &first)
     }
 
@@ -313,12 +313,19 @@ impl AmdCert {
             });
         }
         let key = UnparsedPublicKey::new(&signature::RSA_PSS_2048_8192_SHA384, issuer.rsa_public_key()?);
-        let sig = self.cert.signature.as_bytes().ok_or(CertError::Signature { role: self.role, issuer_role: issuer.role })?;
+        let sig =
+            self.cert.signature.as_bytes().ok_or(CertError::Signature { role: self.role, issuer_role: issuer.role })?;
         key.verify(self.tbs(), sig).map_err(|_| CertError::Signature { role: self.role, issuer_role: issuer.role })
     }
 
     fn extension(&self, id: &ObjectIdentifier) -> Option<&[u8]> {
-        self.cert.tbs_certificate.extensions.as_ref()?.iter().find(|e| e.extn_id == *id).map(|e| e.extn_value.as_bytes())
+        self.cert
+            .tbs_certificate
+            .extensions
+            .as_ref()?
+            .iter()
+            .find(|e| e.extn_id == *id)
+            .map(|e| e.extn_value.as_bytes())
     }
 
     /// Reads the endorsement-key extensions of a VCEK or VLEK.
@@ -340,7 +347,8 @@ impl AmdCert {
             let raw = self.extension(&id).ok_or_else(|| missing(id, name))?;
             decode_spl(raw).ok_or_else(|| bad(id, name, format!("not a DER INTEGER 0..=255 ({})", hex::encode(raw))))
         };
-        let product_name = self.extension(&oid::PRODUCT_NAME).ok_or_else(|| missing(oid::PRODUCT_NAME, "productName"))?;
+        let product_name =
+            self.extension(&oid::PRODUCT_NAME).ok_or_else(|| missing(oid::PRODUCT_NAME, "productName"))?;
         let product_name = der::asn1::Ia5StringRef::from_der(product_name)
             .map(|s| s.as_str().to_owned())
             .map_err(|e| bad(oid::PRODUCT_NAME, "productName", e.to_string()))?;
@@ -404,13 +412,11 @@ fn decode_hw_id(raw: &[u8]) -> Option<Vec<u8>> {
 }
 
 fn name_attr(name: &Name, id: &ObjectIdentifier) -> Option<String> {
-    name.0.iter().flat_map(|rdn| rdn.0.iter()).find(|atv| atv.oid == *id).and_then(|atv| {
-        match atv.value.tag() {
-            Tag::Utf8String | Tag::PrintableString | Tag::Ia5String | Tag::TeletexString => {
-                std::str::from_utf8(atv.value.value()).ok().map(str::to_owned)
-            }
-            _ => None,
+    name.0.iter().flat_map(|rdn| rdn.0.iter()).find(|atv| atv.oid == *id).and_then(|atv| match atv.value.tag() {
+        Tag::Utf8String | Tag::PrintableString | Tag::Ia5String | Tag::TeletexString => {
+            std::str::from_utf8(atv.value.value()).ok().map(str::to_owned)
         }
+        _ => None,
     })
 }
 

@@ -4,8 +4,8 @@
 use aws_lc_rs::signature::ParsedPublicKey;
 use time::OffsetDateTime;
 
-use super::certs::{AmdCert, CertError, KeyExtensions, parse_pem_certs};
 use super::Product;
+use super::certs::{AmdCert, CertError, KeyExtensions, parse_pem_certs};
 use crate::claims::AttestationType;
 
 /// The Organization of every certificate the sim platform issues. A root
@@ -282,11 +282,8 @@ impl Verifier {
                     expected_cn: wanted_intermediate,
                     product,
                 })?;
-                let ark = ark.ok_or(ChainError::MissingCert {
-                    role: "ARK",
-                    expected_cn: format!("ARK-{product}"),
-                    product,
-                })?;
+                let ark =
+                    ark.ok_or(ChainError::MissingCert { role: "ARK", expected_cn: format!("ARK-{product}"), product })?;
                 let attestation_type = self.trust_of(&ark, product)?;
                 (intermediate, ark, attestation_type)
             }
@@ -336,7 +333,9 @@ impl Verifier {
 
 /// Parses a certificate given as DER or PEM.
 fn parse_any(role: &'static str, bytes: &[u8]) -> Result<AmdCert, CertError> {
-    if bytes.starts_with(b"-----") || bytes.iter().take(64).all(|b| b.is_ascii()) && bytes.windows(5).any(|w| w == b"-----") {
+    if bytes.starts_with(b"-----")
+        || bytes.iter().take(64).all(|b| b.is_ascii()) && bytes.windows(5).any(|w| w == b"-----")
+    {
         AmdCert::from_pem(role, bytes)
     } else {
         AmdCert::from_der(role, bytes)

@@ -14,8 +14,8 @@ mod report;
 mod verify;
 
 pub use certs::{AmdCert, CertError, KeyExtensions, parse_pem_certs};
-pub use chain::{SIM_ORGANIZATION, ChainError, EndorsementKind, RootStore, SimTrust, VerifiedChain, Verifier};
-pub use report::{CpuId, FirmwareVersion, RawTcb, Report, ReportError, SigningKey, REPORT_LEN, SIGNED_LEN};
+pub use chain::{ChainError, EndorsementKind, RootStore, SIM_ORGANIZATION, SimTrust, VerifiedChain, Verifier};
+pub use report::{CpuId, FirmwareVersion, REPORT_LEN, RawTcb, Report, ReportError, SIGNED_LEN, SigningKey};
 pub use sev::firmware::host::TcbVersion;
 pub use verify::{Appraisal, AppraisalError, SnpError, VerifiedReport};
 

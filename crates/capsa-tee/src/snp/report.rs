@@ -268,8 +268,7 @@ impl Report {
     /// Parses report bytes. Checks length, version, signature algorithm and
     /// that unsigned bytes are zero; checks nothing cryptographic.
     pub fn parse(bytes: &[u8]) -> Result<Self, ReportError> {
-        let raw: &[u8; REPORT_LEN] =
-            bytes.try_into().map_err(|_| ReportError::Length { found: bytes.len() })?;
+        let raw: &[u8; REPORT_LEN] = bytes.try_into().map_err(|_| ReportError::Length { found: bytes.len() })?;
         let f = Fields(raw);
         let version = f.u32(0x00);
         if !(MIN_VERSION..=MAX_VERSION).contains(&version) {
@@ -351,7 +350,14 @@ impl Report {
             Some(p) => {
                 let v = t.decode(p);
                 let fmc = v.fmc.map(|f| format!(" fmc={f}")).unwrap_or_default();
-                format!("{:016x} (bootloader={} tee={} snp={} microcode={}{fmc})", t.as_u64(), v.bootloader, v.tee, v.snp, v.microcode)
+                format!(
+                    "{:016x} (bootloader={} tee={} snp={} microcode={}{fmc})",
+                    t.as_u64(),
+                    v.bootloader,
+                    v.tee,
+                    v.snp,
+                    v.microcode
+                )
             }
             None => format!("{:016x} (product unknown: pass a VCEK to decode)", t.as_u64()),
         };
@@ -417,7 +423,10 @@ impl Report {
         ];
         if let Some(c) = self.cpuid {
             let name = c.product().map_or("unknown", Product::name);
-            rows.push(("cpuid", format!("family {:#x} model {:#x} stepping {:#x} ({name})", c.family, c.model, c.stepping)));
+            rows.push((
+                "cpuid",
+                format!("family {:#x} model {:#x} stepping {:#x} ({name})", c.family, c.model, c.stepping),
+            ));
         }
         let chip_id = if self.chip_id_masked() { "masked (all zero)".to_owned() } else { hex::encode(self.chip_id) };
         rows.extend([

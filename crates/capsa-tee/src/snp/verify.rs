@@ -34,7 +34,9 @@ pub enum SnpError {
     #[error("report signature does not verify with the {0}")]
     Signature(EndorsementKind),
     /// The report's CPUID names another processor line than the chain.
-    #[error("the report's CPUID (family {family:#x}, model {model:#x}) is not a {chain} processor, but a {chain} key signed it")]
+    #[error(
+        "the report's CPUID (family {family:#x}, model {model:#x}) is not a {chain} processor, but a {chain} key signed it"
+    )]
     ProductMismatch {
         /// CPUID family.
         family: u8,
@@ -196,7 +198,11 @@ impl VerifiedChain {
 
         if let Some(cpuid) = report.cpuid {
             if cpuid.product() != Some(self.product) {
-                return Err(SnpError::ProductMismatch { family: cpuid.family, model: cpuid.model, chain: self.product });
+                return Err(SnpError::ProductMismatch {
+                    family: cpuid.family,
+                    model: cpuid.model,
+                    chain: self.product,
+                });
             }
         }
         let reported = report.reported_tcb.decode(self.product);
@@ -270,12 +276,18 @@ fn appraise(report: &Report, tcb: &TcbVersion, a: &Appraisal) -> Result<(), Appr
         // Fold over every candidate so timing does not reveal which one matched.
         let matched = a.measurements.iter().fold(subtle::Choice::from(0), |acc, m| acc | m.ct_eq(&report.measurement));
         if !bool::from(matched) {
-            return Err(AppraisalError::Measurement { found: hex::encode(report.measurement), count: a.measurements.len() });
+            return Err(AppraisalError::Measurement {
+                found: hex::encode(report.measurement),
+                count: a.measurements.len(),
+            });
         }
     }
     if let Some(expected) = &a.host_data {
         if !bool::from(expected.ct_eq(&report.host_data)) {
-            return Err(AppraisalError::HostData { expected: hex::encode(expected), found: hex::encode(report.host_data) });
+            return Err(AppraisalError::HostData {
+                expected: hex::encode(expected),
+                found: hex::encode(report.host_data),
+            });
         }
     }
     if let Some(expected) = &a.report_data {

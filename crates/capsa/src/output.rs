@@ -1,0 +1,57 @@
+//! Rendering: tables for people, and files written so that a crash never
+//! leaves half of one behind.
+
+use std::io::Write as _;
+use std::path::Path;
+
+use anyhow::Context as _;
+use capsa_tee::Claims;
+
+/// Prints (name, value) rows with aligned names.
+pub fn table(rows: &[(String, String)]) {
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    for (k, v) in rows {
+        println!("{k:<width$}  {v}");
+    }
+}
+
+/// Prints claims as a table, one claim per line, in the order serialised.
+pub fn claims_table(claims: &Claims) -> anyhow::Result<()> {
+    let value = serde_json::to_value(claims)?;
+    let mut rows = Vec::new();
+    flatten("", &value, &mut rows);
+    table(&rows);
+    Ok(())
+}
+
+fn flatten(prefix: &str, value: &serde_json::Value, rows: &mut Vec<(String, String)>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                flatten(&key, v, rows);
+            }
+        }
+        serde_json::Value::String(s) => rows.push((prefix.to_owned(), s.clone())),
+        other => rows.push((prefix.to_owned(), other.to_string())),
+    }
+}
+
+/// Writes a file atomically: a temporary sibling, fsynced, renamed over the
+/// target, and the directory fsynced so the rename itself survives a crash.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().context("output path has no file name")?;
+    let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
+    let result = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.with_context(|| format!("cannot write {}", path.display()))
+}
