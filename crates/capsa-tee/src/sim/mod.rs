@@ -897,6 +897,50 @@ mod tests {
         assert!(verified.verify_report(&tampered, &Appraisal::default()).is_err());
     }
 
+    /// Checks that only a validly signed report can reach: the report is
+    /// altered, then signed again with the sim VCEK, so the signature holds
+    /// and the binding checks must catch the change.
+    #[test]
+    fn resigned_reports_with_wrong_tcb_chip_or_product_are_refused() {
+        use crate::snp::{Appraisal, RootStore, SimTrust, SnpError, Verifier};
+
+        let tmp = TempDir::new();
+        let sim = init_fixture(&tmp.0);
+        let chain = sim.chain_pem();
+        let verifier = Verifier::new(RootStore::amd().with_sim(SimTrust::DangerAnySimRoot));
+        let verified =
+            verifier.verify_chain(sim.vcek_der(), Some(chain.as_bytes()), time::OffsetDateTime::now_utc()).unwrap();
+        let genuine = sim.report(&request()).unwrap();
+        let resign = |edit: &dyn Fn(&mut Vec<u8>)| {
+            let mut bytes = genuine.clone();
+            edit(&mut bytes);
+            let sig = sim.vcek_key.sign(&aws_lc_rs::rand::SystemRandom::new(), &bytes[..0x2A0]).unwrap();
+            let (r, s) = sig.as_ref().split_at(48);
+            let mut r = r.to_vec();
+            let mut s = s.to_vec();
+            r.reverse();
+            s.reverse();
+            bytes[0x2A0..0x2A0 + 48].copy_from_slice(&r);
+            bytes[0x2E8..0x2E8 + 48].copy_from_slice(&s);
+            verified.verify_report(&bytes, &Appraisal::default())
+        };
+
+        assert!(resign(&|_| {}).is_ok(), "re-signing an unaltered report must verify");
+        let err = resign(&|b| b[0x180] += 1).unwrap_err();
+        assert!(matches!(err, SnpError::TcbMismatch { component: "bootloader", .. }), "{err}");
+        assert!(err.to_string().starts_with("VCEK TCB bootloader="), "{err}");
+        let err = resign(&|b| b[0x187] += 1).unwrap_err();
+        assert!(matches!(err, SnpError::TcbMismatch { component: "microcode", .. }), "{err}");
+        let err = resign(&|b| b[0x1A0] ^= 1).unwrap_err();
+        assert!(matches!(err, SnpError::ChipIdMismatch), "{err}");
+        // A masked CHIP_ID (all zero) is not compared.
+        assert!(resign(&|b| b[0x1A0..0x1E0].fill(0)).is_ok());
+        let err = resign(&|b| b[0x189] = 0x01).unwrap_err();
+        assert!(matches!(err, SnpError::ProductMismatch { model: 0x01, .. }), "{err}");
+        let err = resign(&|b| b[0x48] = 1 << 2).unwrap_err();
+        assert!(matches!(err, SnpError::SigningKeyMismatch { report: "vlek", .. }), "{err}");
+    }
+
     #[test]
     fn spl_values_of_128_and_more_get_a_sign_byte_like_amds() {
         let tcb = Tcb { microcode: 0xa9, ..Tcb::GENOA_DEFAULT };

@@ -224,14 +224,7 @@ impl VerifiedChain {
     }
 
     fn check_tcb(&self, reported: &TcbVersion) -> Result<(), SnpError> {
-        let certified = &self.extensions.tcb;
-        let pairs = [
-            ("bootloader", certified.bootloader, reported.bootloader),
-            ("tee", certified.tee, reported.tee),
-            ("snp", certified.snp, reported.snp),
-            ("microcode", certified.microcode, reported.microcode),
-            ("fmc", certified.fmc.unwrap_or(0), reported.fmc.unwrap_or(0)),
-        ];
+        let pairs = tcb_components(&self.extensions.tcb, reported);
         for (component, certified, reported) in pairs {
             if certified != reported {
                 return Err(SnpError::TcbMismatch { kind: self.kind, component, certified, reported });
@@ -243,13 +236,7 @@ impl VerifiedChain {
 
 fn appraise(report: &Report, tcb: &TcbVersion, a: &Appraisal) -> Result<(), AppraisalError> {
     if let Some(min) = &a.min_tcb {
-        let pairs = [
-            ("bootloader", tcb.bootloader, min.bootloader),
-            ("tee", tcb.tee, min.tee),
-            ("snp", tcb.snp, min.snp),
-            ("microcode", tcb.microcode, min.microcode),
-            ("fmc", tcb.fmc.unwrap_or(0), min.fmc.unwrap_or(0)),
-        ];
+        let pairs = tcb_components(tcb, min);
         for (component, reported, minimum) in pairs {
             if reported < minimum {
                 return Err(AppraisalError::TcbTooOld { component, reported, minimum });
@@ -296,6 +283,18 @@ fn appraise(report: &Report, tcb: &TcbVersion, a: &Appraisal) -> Result<(), Appr
         }
     }
     Ok(())
+}
+
+/// The SPLs of two TCB versions side by side, named as in messages. FMC
+/// exists only on Turin; elsewhere both sides read 0.
+fn tcb_components(a: &TcbVersion, b: &TcbVersion) -> [(&'static str, u8, u8); 5] {
+    [
+        ("bootloader", a.bootloader, b.bootloader),
+        ("tee", a.tee, b.tee),
+        ("snp", a.snp, b.snp),
+        ("microcode", a.microcode, b.microcode),
+        ("fmc", a.fmc.unwrap_or(0), b.fmc.unwrap_or(0)),
+    ]
 }
 
 fn snp_claims(report: &Report, tcb: &TcbVersion, chain: &VerifiedChain) -> SnpClaims {
