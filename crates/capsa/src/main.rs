@@ -15,6 +15,7 @@ use capsa_tee::sim::{ReportRequest, SimPlatform};
 use clap::{Args, Parser, Subcommand};
 
 mod output;
+mod policy;
 
 #[derive(Parser)]
 #[command(name = "capsa", version, about = "Confidential containers: policies, sandboxes, attestation, key release")]
@@ -31,6 +32,11 @@ enum Command {
     /// The sim platform: SEV-SNP-format evidence without TEE hardware (no confidentiality).
     #[command(subcommand)]
     Sim(SimCommand),
+    /// Execution policies: generate, check a request, diff.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
+    /// Print the dm-verity root hash of a file (as `veritysetup format` computes it).
+    Verity(policy::VerityArgs),
 }
 
 #[derive(Subcommand)]
@@ -143,12 +149,12 @@ fn parse_instant(s: &str) -> Result<time::OffsetDateTime, String> {
 /// Input that could not be used: exit code 2.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-struct UsageError(String);
+pub(crate) struct UsageError(pub(crate) String);
 
 /// Evidence or a request refused: exit code 1.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-struct Refused(String);
+pub(crate) struct Refused(pub(crate) String);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -187,10 +193,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Sim(cmd) => sim(cmd),
+        Command::Policy(cmd) => policy::run(cmd),
+        Command::Verity(args) => policy::verity(args),
     }
 }
 
-fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
+pub(crate) fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| UsageError(format!("cannot read {}: {e}", path.display())).into())
 }
 

@@ -1,0 +1,828 @@
+//! The engine that decides every host request against a policy document.
+//!
+//! A policy document is one Rego file: the fixed [`RULES`] followed by
+//! `policy_data := <JSON>` ([`crate::model::PolicyData`]). [`Engine`] loads
+//! the document exactly as the hardware measured it, evaluates its
+//! `decision` rule for each request with [regorus], and turns the result into
+//! a [`Decision`] that explains every denial.
+//!
+//! Deciding never fails: anything that is not a clear, well-formed "allow"
+//! (an evaluation error, an undefined or non-boolean result, a time limit
+//! exceeded, a request too large) is a deny with a reason saying so, as
+//! regorus' own `eval_allow_query` does.
+//!
+//! ```
+//! use capsa_policy::engine::Engine;
+//! use capsa_policy::model::{PolicyData, SandboxPolicy, SCHEMA_VERSION};
+//!
+//! let data = PolicyData { version: SCHEMA_VERSION, containers: vec![], sandbox: SandboxPolicy::default() };
+//! let mut engine = Engine::from_data(&data).unwrap();
+//! assert!(engine.decide(&serde_json::json!({"op": "shutdown"})).allowed);
+//! let denied = engine.decide(&serde_json::json!({"op": "update_policy"}));
+//! assert_eq!(denied.reasons[0].rule, "update_policy.permission");
+//! ```
+//!
+//! Environment values never appear in a decision: the rules show entries as
+//! `NAME=<redacted>`, and the engine scrubs every reason again after
+//! evaluation (see [`Engine::decide`]).
+
+use std::fmt;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::time::Duration;
+
+use regorus::utils::limits::{ExecutionTimerConfig, LimitError, PolicyLengthConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::model::{self, PolicyData};
+use crate::request::Request;
+
+/// The fixed rules of this capsa version (the first half of every document).
+pub const RULES: &str = include_str!("rules.rego");
+
+/// The rule the engine evaluates.
+const DECISION_RULE: &str = "data.capsa.policy.decision";
+/// The rule holding the policy data.
+const DATA_RULE: &str = "data.capsa.policy.policy_data";
+/// The file name regorus associates with the document in its errors.
+const DOCUMENT_NAME: &str = "policy.rego";
+
+/// Largest document accepted (the rules plus data for a large pod).
+const MAX_DOCUMENT_BYTES: usize = 8 * 1024 * 1024;
+/// Longest evaluation error text kept in a reason.
+const MAX_ERROR_CHARS: usize = 400;
+/// Values shorter than this are scrubbed only inside environment reasons
+/// and as whole `NAME=value` entries: shorter strings cannot be told from
+/// ordinary text (see [`Scrubber`]).
+const MIN_SCRUB_LEN: usize = 4;
+
+/// Bounds on what one decision may cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest request accepted, in bytes of JSON (approximately, for a
+    /// [`serde_json::Value`]: strings and keys count their length, every
+    /// other value a small constant).
+    pub max_request_bytes: usize,
+    /// Deepest nesting of arrays and objects accepted in a request.
+    pub max_request_depth: usize,
+    /// Wall-clock time one evaluation may take.
+    pub time_limit: Duration,
+}
+
+impl Default for Limits {
+    /// 1 MiB, 32 levels, 100 ms: a request to create a container is a few
+    /// KiB and decides in tens of microseconds, so these leave a margin of
+    /// three orders of magnitude while bounding a hostile host.
+    fn default() -> Self {
+        Self { max_request_bytes: 1024 * 1024, max_request_depth: 32, time_limit: Duration::from_millis(100) }
+    }
+}
+
+/// Why a policy document cannot be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// The document is larger than the engine accepts.
+    #[error("the policy document is {size} bytes, more than the {limit} accepted")]
+    DocumentTooLarge {
+        /// Its size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The document is not valid Rego.
+    #[error("the policy document is not valid Rego: {0}")]
+    Parse(String),
+    /// Evaluating `policy_data` failed.
+    #[error("cannot evaluate policy_data in the policy document: {0}")]
+    Eval(String),
+    /// The document does not define `policy_data` in package `capsa.policy`.
+    #[error("the policy document does not define policy_data in package capsa.policy")]
+    NoPolicyData,
+    /// `policy_data` does not have the shape of [`model::PolicyData`].
+    #[error("policy_data in the policy document is not valid policy data: {0}")]
+    Data(String),
+    /// `policy_data` is of another schema version.
+    #[error("policy_data has schema version {found}; this capsa reads version {expected}")]
+    Version {
+        /// The version in the document.
+        found: serde_json::Value,
+        /// [`model::SCHEMA_VERSION`].
+        expected: u32,
+    },
+    /// The document could not be rendered from policy data (a capsa bug).
+    #[error("cannot render a policy document: {0}")]
+    Render(String),
+}
+
+/// The outcome of one request, with the reasons for a denial.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    /// Whether the request may proceed.
+    pub allowed: bool,
+    /// Why not: one entry per failed check (empty when allowed).
+    pub reasons: Vec<Reason>,
+}
+
+/// One failed check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reason {
+    /// The rule that denied, `<op>.<check>` (e.g. `create_container.env`),
+    /// or `request.*`, `policy.*`, `engine.*` for the request, the policy
+    /// data and the evaluation itself.
+    pub rule: String,
+    /// The request field concerned, e.g. `env[3]` or `layers[1]` (empty
+    /// for the request as a whole).
+    pub field: String,
+    /// What the policy allows there.
+    pub allowed: serde_json::Value,
+    /// What was requested there.
+    pub requested: serde_json::Value,
+    /// One readable sentence.
+    pub message: String,
+}
+
+impl Decision {
+    fn allow() -> Self {
+        Self { allowed: true, reasons: Vec::new() }
+    }
+
+    fn deny(reason: Reason) -> Self {
+        Self { allowed: false, reasons: vec![reason] }
+    }
+}
+
+impl Reason {
+    fn new(rule: &str, field: &str, allowed: serde_json::Value, requested: serde_json::Value, message: String) -> Self {
+        Self { rule: rule.to_owned(), field: field.to_owned(), allowed, requested, message }
+    }
+}
+
+impl fmt::Display for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.allowed {
+            return writeln!(f, "allowed");
+        }
+        let n = self.reasons.len();
+        writeln!(f, "denied ({n} reason{})", if n == 1 { "" } else { "s" })?;
+        for reason in &self.reasons {
+            write!(f, "{reason}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            writeln!(f, "  [{}] {}", self.rule, self.message)?;
+        } else {
+            writeln!(f, "  [{}] {}: {}", self.rule, self.field, self.message)?;
+        }
+        writeln!(f, "      policy allows: {}", shown(&self.allowed))?;
+        writeln!(f, "      requested:     {}", shown(&self.requested))
+    }
+}
+
+/// A value in one line, cut short when long.
+fn shown(value: &serde_json::Value) -> String {
+    const MAX: usize = 200;
+    let text = value.to_string();
+    match text.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}... ({} bytes)", text.get(..cut).unwrap_or_default(), text.len()),
+        None => text,
+    }
+}
+
+/// A compiled policy, ready to decide. Built once per sandbox; [`Engine::decide`]
+/// is the hot path.
+///
+/// Deciding needs `&mut self` (regorus keeps evaluation state); the engine
+/// is [`Clone`], so concurrent callers can each hold a copy.
+#[derive(Clone)]
+pub struct Engine {
+    regorus: regorus::Engine,
+    limits: Limits,
+    /// Environment values of the policy, scrubbed from every reason.
+    policy_env: Vec<String>,
+    data: PolicyData,
+}
+
+impl fmt::Debug for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The policy data holds environment values: never print them.
+        f.debug_struct("Engine").field("limits", &self.limits).field("containers", &self.data.containers.len()).finish()
+    }
+}
+
+impl Engine {
+    /// From a whole policy document (rules + `policy_data := ...`).
+    ///
+    /// The document is what the hardware measured, so it is evaluated as
+    /// is, even if its rules differ from [`RULES`]; it is refused only if it
+    /// is not valid Rego or does not define `policy_data` as valid policy
+    /// data of [`model::SCHEMA_VERSION`].
+    pub fn from_document(rego: &str) -> Result<Self, EngineError> {
+        Self::from_document_with_limits(rego, Limits::default())
+    }
+
+    /// [`Engine::from_document`] with other limits.
+    pub fn from_document_with_limits(rego: &str, limits: Limits) -> Result<Self, EngineError> {
+        if rego.len() > MAX_DOCUMENT_BYTES {
+            return Err(EngineError::DocumentTooLarge { size: rego.len(), limit: MAX_DOCUMENT_BYTES });
+        }
+        let mut regorus = regorus::Engine::new();
+        // The data may be rendered on long lines; the document's size is
+        // bounded above, so line and column limits add nothing.
+        regorus.set_policy_length_config(PolicyLengthConfig {
+            max_col: NonZeroU32::new(u32::try_from(MAX_DOCUMENT_BYTES).unwrap_or(u32::MAX)).unwrap_or(NonZeroU32::MIN),
+            max_file_bytes: NonZeroUsize::new(MAX_DOCUMENT_BYTES).unwrap_or(NonZeroUsize::MIN),
+            max_lines: NonZeroUsize::new(MAX_DOCUMENT_BYTES).unwrap_or(NonZeroUsize::MIN),
+        });
+        regorus.set_execution_timer_config(ExecutionTimerConfig {
+            limit: limits.time_limit,
+            check_interval: NonZeroU32::new(64).unwrap_or(NonZeroU32::MIN),
+        });
+        regorus.add_policy(DOCUMENT_NAME.to_owned(), rego.to_owned()).map_err(|e| EngineError::Parse(e.to_string()))?;
+
+        let value = match regorus.eval_rule(DATA_RULE.to_owned()) {
+            Ok(regorus::Value::Undefined) => return Err(EngineError::NoPolicyData),
+            Ok(value) => value,
+            // A document without the rule at all is an error in regorus.
+            Err(_) if !defines_policy_data(&mut regorus) => return Err(EngineError::NoPolicyData),
+            Err(e) => return Err(EngineError::Eval(e.to_string())),
+        };
+        let json = serde_json::to_value(&value).map_err(|e| EngineError::Data(e.to_string()))?;
+        let version = json.get("version").cloned().unwrap_or(serde_json::Value::Null);
+        if version != serde_json::Value::from(model::SCHEMA_VERSION) {
+            return Err(EngineError::Version { found: version, expected: model::SCHEMA_VERSION });
+        }
+        let data: PolicyData = serde_json::from_value(json).map_err(|e| EngineError::Data(e.to_string()))?;
+        let policy_env = policy_env_values(&data);
+        Ok(Self { regorus, limits, policy_env, data })
+    }
+
+    /// Convenience for tests and tools: [`RULES`] with `data` rendered as a
+    /// document, exactly as [`crate::document::PolicyDocument::render`] does.
+    pub fn from_data(data: &PolicyData) -> Result<Self, EngineError> {
+        let document = crate::document::PolicyDocument::render(data).map_err(|e| EngineError::Render(e.to_string()))?;
+        Self::from_document(document.rego())
+    }
+
+    /// The policy data of the loaded document.
+    pub fn data(&self) -> &PolicyData {
+        &self.data
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Decides one request, given as JSON in the shape of [`Request`].
+    ///
+    /// Infallible and fail-closed: the request is allowed only when the
+    /// document's `decision` evaluates, within the time limit, to an object
+    /// whose `allowed` is `true` and whose `reasons` are empty, and the
+    /// request has the shape of a [`Request`]. Everything else is a deny
+    /// whose reason says why.
+    ///
+    /// Every string of every reason is scrubbed of the environment values
+    /// of the request and of the policy, whatever the rules returned.
+    pub fn decide(&mut self, request: &serde_json::Value) -> Decision {
+        let decision = self.decide_unscrubbed(request);
+        if decision.allowed {
+            return decision;
+        }
+        Scrubber::new(&self.policy_env, request).scrub(decision)
+    }
+
+    /// Decides a typed request.
+    pub fn decide_request(&mut self, request: &Request) -> Decision {
+        match serde_json::to_value(request) {
+            Ok(json) => self.decide(&json),
+            Err(e) => Decision::deny(Reason::new(
+                "request.type",
+                "",
+                serde_json::Value::Null,
+                serde_json::Value::Null,
+                format!("the request cannot be represented as JSON: {e}"),
+            )),
+        }
+    }
+
+    /// Decides a request given as JSON text, refusing it before parsing
+    /// when it is larger than the limit.
+    pub fn decide_json(&mut self, json: &str) -> Decision {
+        if json.len() > self.limits.max_request_bytes {
+            return self.too_large(json.len());
+        }
+        match serde_json::from_str::<serde_json::Value>(json) {
+            Ok(request) => self.decide(&request),
+            Err(e) => Decision::deny(Reason::new(
+                "request.type",
+                "",
+                "JSON".into(),
+                serde_json::Value::Null,
+                // Line and column only: serde's message could quote the text.
+                format!("the request is not valid JSON (line {}, column {})", e.line(), e.column()),
+            )),
+        }
+    }
+
+    fn too_large(&self, size: usize) -> Decision {
+        Decision::deny(Reason::new(
+            "request.size",
+            "",
+            self.limits.max_request_bytes.into(),
+            size.into(),
+            format!("the request is about {size} bytes; the largest accepted is {}", self.limits.max_request_bytes),
+        ))
+    }
+
+    fn decide_unscrubbed(&mut self, request: &serde_json::Value) -> Decision {
+        match measure(request, self.limits.max_request_bytes, self.limits.max_request_depth) {
+            Ok(_) => {}
+            Err(Oversize::Bytes(size)) => return self.too_large(size),
+            Err(Oversize::Depth) => {
+                return Decision::deny(Reason::new(
+                    "request.depth",
+                    "",
+                    self.limits.max_request_depth.into(),
+                    serde_json::Value::Null,
+                    format!("the request nests deeper than {} levels", self.limits.max_request_depth),
+                ));
+            }
+        }
+        let input = match regorus::Value::deserialize(request) {
+            Ok(input) => input,
+            Err(e) => return engine_error("engine.input", format!("cannot convert the request for evaluation: {e}")),
+        };
+        self.regorus.set_input(input);
+        let result = self.regorus.eval_rule(DECISION_RULE.to_owned());
+        // Do not keep the request alive in the engine between decisions.
+        self.regorus.set_input(regorus::Value::Null);
+        let mut decision = match result {
+            Ok(value) => interpret(&value),
+            Err(e) => evaluation_error(&e),
+        };
+        if decision.allowed && Request::deserialize(request).is_err() {
+            // Defense in depth: the rules check every field they use, but
+            // the agent acts on the typed request, so nothing the rules did
+            // not see (an unknown field, a field of another type) may pass.
+            decision = Decision::deny(Reason::new(
+                "request.shape",
+                "",
+                serde_json::Value::Null,
+                serde_json::Value::Null,
+                "the request does not have the shape of a host request (unknown or mistyped fields)".to_owned(),
+            ));
+        }
+        decision.reasons.sort_by(|a, b| (a.rule.as_str(), field_key(&a.field)).cmp(&(b.rule.as_str(), field_key(&b.field))));
+        decision
+    }
+}
+
+/// Whether the document declares `policy_data` (to tell "undefined" from
+/// "absent" when evaluation fails).
+fn defines_policy_data(regorus: &mut regorus::Engine) -> bool {
+    let package = regorus.get_packages().map(|p| p.iter().any(|p| p == "data.capsa.policy")).unwrap_or(false);
+    package && regorus.has_declared_rule_rooted_at(DOCUMENT_NAME, "policy_data").unwrap_or(false)
+}
+
+/// Turns the value of `decision` into a [`Decision`], failing closed.
+fn interpret(value: &regorus::Value) -> Decision {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Raw {
+        allowed: serde_json::Value,
+        reasons: Vec<Reason>,
+    }
+    if *value == regorus::Value::Undefined {
+        return engine_error("engine.undefined", "the policy's decision is undefined for this request".to_owned());
+    }
+    let raw = serde_json::to_value(value).and_then(serde_json::from_value::<Raw>);
+    let raw = match raw {
+        Ok(raw) => raw,
+        Err(e) => {
+            return engine_error(
+                "engine.malformed",
+                format!("the policy's decision is not an object of allowed and reasons: {e}"),
+            );
+        }
+    };
+    match raw.allowed {
+        serde_json::Value::Bool(true) if raw.reasons.is_empty() => Decision::allow(),
+        serde_json::Value::Bool(true) => Decision { allowed: false, reasons: raw.reasons },
+        serde_json::Value::Bool(false) if raw.reasons.is_empty() => engine_error(
+            "policy.denied",
+            "the policy denied the request without naming a rule".to_owned(),
+        ),
+        serde_json::Value::Bool(false) => Decision { allowed: false, reasons: raw.reasons },
+        other => {
+            let mut reasons = raw.reasons;
+            reasons.push(Reason::new(
+                "engine.malformed",
+                "",
+                serde_json::Value::Null,
+                serde_json::Value::Null,
+                format!("the policy's decision has a non-boolean allowed ({})", json_type(&other)),
+            ));
+            Decision { allowed: false, reasons }
+        }
+    }
+}
+
+/// `error` is regorus' error type (anyhow's), seen through the standard
+/// error trait so that this library does not depend on anyhow.
+fn evaluation_error<E>(error: &E) -> Decision
+where
+    E: AsRef<dyn std::error::Error + Send + Sync + 'static> + fmt::Display,
+{
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error.as_ref());
+    let mut limit = None;
+    while let Some(e) = source {
+        if let Some(l) = e.downcast_ref::<LimitError>() {
+            limit = Some(l);
+            break;
+        }
+        source = e.source();
+    }
+    match limit {
+        Some(LimitError::TimeLimitExceeded { elapsed, limit }) => engine_error(
+            "engine.time_limit",
+            format!("evaluation was stopped after {elapsed:?}, over the limit of {limit:?}"),
+        ),
+        Some(other) => engine_error("engine.limit", format!("evaluation exceeded a limit: {other}")),
+        None => {
+            let text = error.to_string();
+            let text: String = text.chars().take(MAX_ERROR_CHARS).collect();
+            engine_error("engine.error", format!("evaluation failed: {text}"))
+        }
+    }
+}
+
+fn engine_error(rule: &str, message: String) -> Decision {
+    Decision::deny(Reason::new(rule, "", serde_json::Value::Null, serde_json::Value::Null, message))
+}
+
+fn json_type(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "boolean",
+        serde_json::Value::Number(_) => "number",
+        serde_json::Value::String(_) => "string",
+        serde_json::Value::Array(_) => "array",
+        serde_json::Value::Object(_) => "object",
+    }
+}
+
+/// Sort key that puts `env[2]` before `env[10]`.
+fn field_key(field: &str) -> (&str, u64, &str) {
+    if let Some((name, rest)) = field.split_once('[') {
+        if let Some((index, tail)) = rest.split_once(']') {
+            if let Ok(index) = index.parse() {
+                return (name, index, tail);
+            }
+        }
+    }
+    (field, 0, "")
+}
+
+enum Oversize {
+    Bytes(usize),
+    Depth,
+}
+
+/// The approximate JSON size of `value`, stopping as soon as it exceeds
+/// `max_bytes` or nests deeper than `max_depth`.
+fn measure(value: &serde_json::Value, max_bytes: usize, max_depth: usize) -> Result<usize, Oversize> {
+    fn walk(value: &serde_json::Value, depth: usize, max_depth: usize, total: &mut usize, max: usize) -> Result<(), Oversize> {
+        if depth > max_depth {
+            return Err(Oversize::Depth);
+        }
+        *total = total.saturating_add(match value {
+            serde_json::Value::String(s) => s.len().saturating_add(3),
+            serde_json::Value::Array(_) | serde_json::Value::Object(_) => 2,
+            _ => 8,
+        });
+        if *total > max {
+            return Err(Oversize::Bytes(*total));
+        }
+        match value {
+            serde_json::Value::Array(items) => {
+                for item in items {
+                    walk(item, depth + 1, max_depth, total, max)?;
+                }
+            }
+            serde_json::Value::Object(fields) => {
+                for (key, item) in fields {
+                    *total = total.saturating_add(key.len().saturating_add(3));
+                    walk(item, depth + 1, max_depth, total, max)?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+    let mut total = 0;
+    walk(value, 0, max_depth, &mut total, max_bytes)?;
+    Ok(total)
+}
+
+/// The value part (after the first `=`) of each environment entry and
+/// pattern of the policy.
+fn policy_env_values(data: &PolicyData) -> Vec<String> {
+    let mut values: Vec<String> = data
+        .containers
+        .iter()
+        .flat_map(|c| c.env.exact.iter().chain(c.env.patterns.iter()))
+        .filter_map(|e| e.split_once('=').map(|(_, v)| v.to_owned()))
+        .filter(|v| !v.is_empty())
+        .collect();
+    values.sort();
+    values.dedup();
+    values
+}
+
+/// Removes environment values from reasons: the safety net under the
+/// rules' own redaction, so that a rule that forgets to redact still cannot
+/// leak a value.
+///
+/// In every string of every reason, a whole `NAME=value` entry (of the
+/// request or of the policy) becomes `NAME=<redacted>` and any value of at
+/// least [`MIN_SCRUB_LEN`] characters becomes `<redacted>`. In reasons about
+/// the environment (`create_container.env*`), every string of `allowed` and
+/// `requested` is moreover cut to its name (`NAME=<redacted>`), so that
+/// values too short to scrub as text are covered there too.
+struct Scrubber<'a> {
+    /// Whole entries, with the length of their name.
+    entries: Vec<(&'a str, usize)>,
+    /// Values long enough to scrub as text, longest first.
+    values: Vec<&'a str>,
+}
+
+impl<'a> Scrubber<'a> {
+    fn new(policy_env: &'a [String], request: &'a serde_json::Value) -> Self {
+        let mut entries = Vec::new();
+        let mut values: Vec<&str> = policy_env.iter().map(String::as_str).collect();
+        if let Some(env) = request.get("env").and_then(serde_json::Value::as_array) {
+            for entry in env.iter().filter_map(serde_json::Value::as_str) {
+                if let Some((name, value)) = entry.split_once('=') {
+                    if !value.is_empty() {
+                        entries.push((entry, name.len()));
+                        values.push(value);
+                    }
+                }
+            }
+        }
+        values.retain(|v| v.chars().count() >= MIN_SCRUB_LEN);
+        values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+        values.dedup();
+        Self { entries, values }
+    }
+
+    fn scrub(&self, mut decision: Decision) -> Decision {
+        for reason in &mut decision.reasons {
+            let env_reason = reason.rule.starts_with("create_container.env");
+            reason.rule = self.text(&reason.rule);
+            reason.field = self.text(&reason.field);
+            reason.message = self.text(&reason.message);
+            self.value(&mut reason.allowed, env_reason);
+            self.value(&mut reason.requested, env_reason);
+        }
+        decision
+    }
+
+    fn text(&self, text: &str) -> String {
+        let mut out = text.to_owned();
+        for (entry, name_len) in &self.entries {
+            if out.contains(entry) {
+                let name = entry.get(..*name_len).unwrap_or_default();
+                out = out.replace(entry, &format!("{name}=<redacted>"));
+            }
+        }
+        for value in &self.values {
+            if out.contains(value) {
+                out = out.replace(value, "<redacted>");
+            }
+        }
+        out
+    }
+
+    fn value(&self, value: &mut serde_json::Value, env_reason: bool) {
+        match value {
+            serde_json::Value::String(s) => {
+                *s = if env_reason { redact_entry(s) } else { self.text(s) };
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(|v| self.value(v, env_reason)),
+            serde_json::Value::Object(fields) => {
+                let scrubbed: serde_json::Map<String, serde_json::Value> = std::mem::take(fields)
+                    .into_iter()
+                    .map(|(k, mut v)| {
+                        self.value(&mut v, env_reason);
+                        (self.text(&k), v)
+                    })
+                    .collect();
+                *fields = scrubbed;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// `NAME=value` as `NAME=<redacted>`; already redacted and bare names stay.
+fn redact_entry(entry: &str) -> String {
+    match entry.split_once('=') {
+        Some((name, value)) if value.starts_with("<redacted") => format!("{name}={value}"),
+        Some((name, _)) => format!("{name}=<redacted>"),
+        None => entry.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ContainerPolicy, EnvPolicy, SandboxPolicy, UserPolicy};
+
+    fn container() -> ContainerPolicy {
+        ContainerPolicy {
+            name: "app".into(),
+            image: "example.com/app:1".into(),
+            image_digest: "sha256:aa".into(),
+            layers: vec!["sha256:01".into(), "sha256:02".into()],
+            args: vec!["/bin/app".into()],
+            env: EnvPolicy {
+                exact: vec!["PATH=/usr/bin".into(), "TOKEN=MARKER-secret-value".into()],
+                patterns: vec!["LEVEL=(debug|info)".into()],
+                required: vec![],
+            },
+            working_dir: "/".into(),
+            user: UserPolicy::default(),
+            capabilities: vec![],
+            privileged: false,
+            no_new_privileges: true,
+            seccomp_profile_sha256: None,
+            mounts: vec![],
+            read_only_rootfs: false,
+            sysctls: Default::default(),
+            exec: vec![],
+            signals: vec![15],
+            read_stdio: true,
+            write_stdin: false,
+        }
+    }
+
+    fn data() -> PolicyData {
+        PolicyData { version: model::SCHEMA_VERSION, containers: vec![container()], sandbox: SandboxPolicy::default() }
+    }
+
+    fn doc_with(decision: &str) -> String {
+        let json = serde_json::to_string(&data()).unwrap();
+        format!("package capsa.policy\n\nimport rego.v1\n\n{decision}\n\npolicy_data := {json}\n")
+    }
+
+    #[test]
+    fn runtime_error_denies() {
+        // A rule conflict (two values for one complete rule) is an
+        // evaluation error in Rego.
+        let mut engine = Engine::from_document(&doc_with(
+            "x := 1 if input.op\nx := 2 if input.op\ndecision := {\"allowed\": x == 1, \"reasons\": []}",
+        ))
+        .unwrap();
+        let d = engine.decide(&serde_json::json!({"op": "shutdown"}));
+        assert!(!d.allowed);
+        assert_eq!(d.reasons[0].rule, "engine.error", "{d}");
+    }
+
+    #[test]
+    fn undefined_decision_denies() {
+        let mut engine =
+            Engine::from_document(&doc_with("decision := {\"allowed\": true, \"reasons\": []} if input.op == \"x\"")).unwrap();
+        let d = engine.decide(&serde_json::json!({"op": "shutdown"}));
+        assert!(!d.allowed);
+        assert_eq!(d.reasons[0].rule, "engine.undefined");
+        // Defined for "x", where only the engine's own shape check denies:
+        // the deny above was the undefined result, not a broken document.
+        let d = engine.decide(&serde_json::json!({"op": "x"}));
+        assert_eq!(d.reasons[0].rule, "request.shape");
+    }
+
+    #[test]
+    fn missing_decision_rule_denies() {
+        let mut engine = Engine::from_document(&doc_with("other := true")).unwrap();
+        let d = engine.decide(&serde_json::json!({"op": "shutdown"}));
+        assert!(!d.allowed);
+        assert_eq!(d.reasons[0].rule, "engine.error", "{d}");
+    }
+
+    #[test]
+    fn non_boolean_allowed_denies() {
+        let mut engine = Engine::from_document(&doc_with("decision := {\"allowed\": \"true\", \"reasons\": []}")).unwrap();
+        let d = engine.decide(&serde_json::json!({"op": "shutdown"}));
+        assert!(!d.allowed);
+        assert_eq!(d.reasons[0].rule, "engine.malformed");
+        let mut engine = Engine::from_document(&doc_with("decision := true")).unwrap();
+        let d = engine.decide(&serde_json::json!({"op": "shutdown"}));
+        assert!(!d.allowed);
+        assert_eq!(d.reasons[0].rule, "engine.malformed");
+    }
+
+    #[test]
+    fn allowed_with_reasons_or_denied_without_denies() {
+        let mut engine = Engine::from_document(&doc_with(
+            "decision := {\"allowed\": true, \"reasons\": [{\"rule\": \"r\", \"field\": \"\", \"allowed\": null, \"requested\": null, \"message\": \"m\"}]}",
+        ))
+        .unwrap();
+        assert!(!engine.decide(&serde_json::json!({"op": "shutdown"})).allowed);
+        let mut engine = Engine::from_document(&doc_with("decision := {\"allowed\": false, \"reasons\": []}")).unwrap();
+        let d = engine.decide(&serde_json::json!({"op": "shutdown"}));
+        assert!(!d.allowed);
+        assert_eq!(d.reasons[0].rule, "policy.denied");
+    }
+
+    #[test]
+    fn a_permissive_document_still_cannot_pass_a_malformed_request() {
+        let mut engine = Engine::from_document(&doc_with("decision := {\"allowed\": true, \"reasons\": []}")).unwrap();
+        assert!(engine.decide(&serde_json::json!({"op": "shutdown"})).allowed);
+        let d = engine.decide(&serde_json::json!({"op": "signal_process", "container": "app", "signal": "9"}));
+        assert!(!d.allowed);
+        assert_eq!(d.reasons[0].rule, "request.shape");
+    }
+
+    #[test]
+    fn time_limit_denies() {
+        let limits = Limits { time_limit: Duration::from_millis(5), ..Limits::default() };
+        let mut engine = Engine::from_document_with_limits(
+            &doc_with(
+                "n := count([1 | some i in numbers.range(0, 3000); some j in numbers.range(0, 3000)])\n\
+                 decision := {\"allowed\": n > 0, \"reasons\": []}",
+            ),
+            limits,
+        )
+        .unwrap();
+        let d = engine.decide(&serde_json::json!({"op": "shutdown"}));
+        assert!(!d.allowed);
+        assert_eq!(d.reasons[0].rule, "engine.time_limit", "{d}");
+    }
+
+    #[test]
+    fn oversized_and_deep_requests_are_refused() {
+        let mut engine = Engine::from_data(&data()).unwrap();
+        let big = "x".repeat(1024 * 1024);
+        let d = engine.decide(&serde_json::json!({"op": "copy_file", "path": big}));
+        assert_eq!(d.reasons[0].rule, "request.size");
+        let d = engine.decide_json(&serde_json::json!({"op": "copy_file", "path": big}).to_string());
+        assert_eq!(d.reasons[0].rule, "request.size");
+        let mut deep = serde_json::json!(1);
+        for _ in 0..40 {
+            deep = serde_json::json!([deep]);
+        }
+        let d = engine.decide(&serde_json::json!({"op": "shutdown", "x": deep}));
+        assert_eq!(d.reasons[0].rule, "request.depth");
+    }
+
+    #[test]
+    fn documents_without_valid_data_are_refused() {
+        let rules_only = format!("{RULES}\n");
+        assert!(matches!(Engine::from_document(&rules_only), Err(EngineError::NoPolicyData)));
+        let mut other = data();
+        other.version = 2;
+        let doc = format!("{RULES}\npolicy_data := {}\n", serde_json::to_string(&other).unwrap());
+        assert!(matches!(Engine::from_document(&doc), Err(EngineError::Version { .. })));
+        let doc = format!("{RULES}\npolicy_data := {{\"version\": 1}}\n");
+        assert!(matches!(Engine::from_document(&doc), Err(EngineError::Data(_))));
+        assert!(matches!(Engine::from_document("package"), Err(EngineError::Parse(_))));
+        let doc = format!(
+            "package other\npolicy_data := {}\n",
+            serde_json::to_string(&data()).unwrap()
+        );
+        assert!(matches!(Engine::from_document(&doc), Err(EngineError::NoPolicyData)));
+    }
+
+    #[test]
+    fn the_scrubber_catches_what_a_careless_rule_would_leak() {
+        // A document whose rules echo the request's env verbatim.
+        let mut engine = Engine::from_document(&doc_with(
+            "decision := {\"allowed\": false, \"reasons\": [{\"rule\": \"leaky\", \"field\": \"\", \
+             \"allowed\": data.capsa.policy.policy_data.containers[0].env.exact, \"requested\": input.env, \
+             \"message\": sprintf(\"%v %v\", [input.env, data.capsa.policy.policy_data.containers[0].env])}]}",
+        ))
+        .unwrap();
+        let d = engine.decide(&serde_json::json!({"op": "x", "env": ["A=xyz", "B=MARKER-request-secret"]}));
+        let text = serde_json::to_string(&d).unwrap() + &d.to_string();
+        assert!(!text.contains("MARKER"), "{text}");
+        assert!(!text.contains("xyz"), "{text}");
+        assert!(text.contains("A=<redacted>"), "{text}");
+    }
+
+    #[test]
+    fn display_explains() {
+        let mut engine = Engine::from_data(&data()).unwrap();
+        let d = engine.decide(&serde_json::json!({"op": "write_stdin", "container": "app"}));
+        let text = d.to_string();
+        assert!(text.starts_with("denied (1 reason)"), "{text}");
+        assert!(text.contains("[write_stdin.permission] write_stdin:"), "{text}");
+        assert_eq!(Decision::allow().to_string(), "allowed\n");
+    }
+}

@@ -1,0 +1,531 @@
+//! Kubernetes YAML: Pods and the workload kinds that template them, with
+//! the ConfigMaps and Secrets their environment refers to taken from the
+//! same input. ConfigMap values are pinned; Secret values are not (the
+//! policy is public), only the variable's presence. The policy goes back as
+//! the pod template's initdata annotation, base64 of the initdata TOML.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde_json::{Map, Value};
+
+use super::settings::Settings;
+use super::spec::{ContainerSpec, EnvSpec, MountSpec, Platform, VolumeSource, Workload};
+use super::{FieldCheck, GenerateError, Generated, GeneratedWorkload, ImageResolver, Options, base64, string_list};
+
+/// The annotation Confidential Containers reads initdata from.
+pub const INITDATA_ANNOTATION: &str = "io.katacontainers.config.hypervisor.cc_init_data";
+
+const POD_SPEC_KEYS: &[&str] = &[
+    "containers", "initContainers", "volumes", "securityContext", "restartPolicy",
+    "terminationGracePeriodSeconds", "activeDeadlineSeconds", "dnsPolicy", "dnsConfig", "nodeSelector",
+    "serviceAccountName", "serviceAccount", "automountServiceAccountToken", "nodeName", "hostNetwork",
+    "hostPID", "hostIPC", "hostname", "subdomain", "affinity", "schedulerName", "tolerations",
+    "priorityClassName", "priority", "runtimeClassName", "imagePullSecrets", "enableServiceLinks",
+    "topologySpreadConstraints", "preemptionPolicy", "readinessGates", "setHostnameAsFQDN",
+];
+const POD_SECURITY_KEYS: &[&str] = &[
+    "runAsUser", "runAsGroup", "runAsNonRoot", "supplementalGroups", "fsGroup", "fsGroupChangePolicy", "sysctls",
+    "seccompProfile",
+];
+const CONTAINER_KEYS: &[&str] = &[
+    "name", "image", "command", "args", "env", "envFrom", "workingDir", "ports", "resources", "volumeMounts",
+    "securityContext", "imagePullPolicy", "livenessProbe", "readinessProbe", "startupProbe", "lifecycle",
+    "terminationMessagePath", "terminationMessagePolicy", "stdin", "stdinOnce", "tty", "restartPolicy",
+];
+const CONTAINER_SECURITY_KEYS: &[&str] = &[
+    "runAsUser", "runAsGroup", "runAsNonRoot", "privileged", "allowPrivilegeEscalation", "readOnlyRootFilesystem",
+    "capabilities", "seccompProfile",
+];
+const VOLUME_MOUNT_KEYS: &[&str] = &["name", "mountPath", "readOnly", "mountPropagation"];
+const ENV_KEYS: &[&str] = &["name", "value", "valueFrom"];
+
+/// ConfigMaps and Secrets of the input, by name, as decoded strings.
+#[derive(Default)]
+struct ConfigSources {
+    config_maps: HashMap<String, BTreeMap<String, String>>,
+    secrets: HashMap<String, BTreeMap<String, String>>,
+}
+
+/// Parses every YAML document of the input.
+fn documents(origin: &str, text: &str) -> Result<Vec<Value>, GenerateError> {
+    use serde::Deserialize as _;
+    let mut docs = Vec::new();
+    for doc in serde_norway::Deserializer::from_str(text) {
+        let value = Value::deserialize(doc)
+            .map_err(|e| GenerateError::Parse { origin: origin.to_owned(), reason: e.to_string() })?;
+        if !value.is_null() {
+            docs.push(value);
+        }
+    }
+    Ok(docs)
+}
+
+/// Generates a policy for every workload in a Kubernetes YAML input.
+pub fn generate(
+    origin: &str,
+    text: &str,
+    resolver: &mut dyn ImageResolver,
+    settings: &Settings,
+    options: &Options,
+) -> Result<Generated, GenerateError> {
+    let mut docs = documents(origin, text)?;
+    let sources = config_sources(&docs)?;
+    let mut workloads = Vec::new();
+    for doc in &mut docs {
+        let kind = doc.get("kind").and_then(Value::as_str).unwrap_or_default().to_owned();
+        let name = doc.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("unnamed").to_owned();
+        let template_pointer = match kind.as_str() {
+            "Pod" => "",
+            "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "Job" => "/spec/template",
+            "CronJob" => "/spec/jobTemplate/spec/template",
+            _ => continue,
+        };
+        let path = format!("{kind}/{name}{}", template_pointer.replace('/', "."));
+        let template = doc.pointer_mut(template_pointer).ok_or_else(|| GenerateError::Invalid {
+            path: path.clone(),
+            reason: "has no pod template".into(),
+        })?;
+        let spec = template.get("spec").ok_or_else(|| GenerateError::Invalid {
+            path: format!("{path}.spec"),
+            reason: "missing".into(),
+        })?;
+        let workload = pod(&format!("{path}.spec"), &name, spec, &sources, options)?;
+        let data = super::build::build(&workload, resolver, settings)?;
+        let generated = GeneratedWorkload::new(format!("{kind}/{name}"), data, Platform::Kubernetes)?;
+        annotate(template, &generated)?;
+        workloads.push(generated);
+    }
+    if workloads.is_empty() {
+        return Err(GenerateError::NoWorkload(origin.to_owned()));
+    }
+    let mut annotated = String::new();
+    for doc in &docs {
+        let yaml = serde_norway::to_string(doc).map_err(|e| GenerateError::Parse {
+            origin: origin.to_owned(),
+            reason: format!("cannot write YAML back: {e}"),
+        })?;
+        annotated.push_str("---\n");
+        annotated.push_str(&yaml);
+    }
+    Ok(Generated { workloads, annotated })
+}
+
+fn annotate(template: &mut Value, generated: &GeneratedWorkload) -> Result<(), GenerateError> {
+    let invalid = || GenerateError::Invalid { path: "metadata".into(), reason: "is not an object".into() };
+    let obj = template.as_object_mut().ok_or_else(invalid)?;
+    let metadata = obj.entry("metadata").or_insert_with(|| Value::Object(Map::new()));
+    let metadata = metadata.as_object_mut().ok_or_else(invalid)?;
+    let annotations = metadata.entry("annotations").or_insert_with(|| Value::Object(Map::new()));
+    let annotations = annotations.as_object_mut().ok_or_else(invalid)?;
+    annotations.insert(INITDATA_ANNOTATION.into(), Value::String(base64(generated.initdata.toml().as_bytes())));
+    Ok(())
+}
+
+fn config_sources(docs: &[Value]) -> Result<ConfigSources, GenerateError> {
+    let mut sources = ConfigSources::default();
+    for doc in docs {
+        let kind = doc.get("kind").and_then(Value::as_str);
+        let Some(name) = doc.pointer("/metadata/name").and_then(Value::as_str) else { continue };
+        let strings = |v: Option<&Value>| -> BTreeMap<String, String> {
+            v.and_then(Value::as_object)
+                .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), scalar(v)?))).collect())
+                .unwrap_or_default()
+        };
+        match kind {
+            Some("ConfigMap") => {
+                sources.config_maps.insert(name.to_owned(), strings(doc.get("data")));
+            }
+            Some("Secret") => {
+                let mut data = BTreeMap::new();
+                for (k, v) in strings(doc.get("data")) {
+                    use base64::Engine as _;
+                    let decoded = base64::engine::general_purpose::STANDARD.decode(v.trim()).map_err(|e| {
+                        GenerateError::Invalid { path: format!("Secret/{name}.data.{k}"), reason: format!("not base64: {e}") }
+                    })?;
+                    let text = String::from_utf8(decoded).map_err(|_| GenerateError::Invalid {
+                        path: format!("Secret/{name}.data.{k}"),
+                        reason: "is not UTF-8 text, so it cannot be an environment value".into(),
+                    })?;
+                    data.insert(k, text);
+                }
+                data.extend(strings(doc.get("stringData")));
+                sources.secrets.insert(name.to_owned(), data);
+            }
+            _ => {}
+        }
+    }
+    Ok(sources)
+}
+
+/// YAML scalars as the strings Kubernetes would use.
+fn scalar(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+fn int(v: Option<&Value>, path: &str) -> Result<Option<u32>, GenerateError> {
+    v.map(|v| {
+        v.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| GenerateError::Invalid {
+            path: path.to_owned(),
+            reason: format!("expected a non-negative integer, found {v}"),
+        })
+    })
+    .transpose()
+}
+
+fn pod(
+    path: &str,
+    name: &str,
+    spec: &Value,
+    sources: &ConfigSources,
+    options: &Options,
+) -> Result<Workload, GenerateError> {
+    let mut check = FieldCheck::new();
+    check.keys(spec, path, POD_SPEC_KEYS);
+    for ns in ["hostNetwork", "hostPID", "hostIPC"] {
+        if spec.get(ns).and_then(Value::as_bool) == Some(true) {
+            return Err(GenerateError::Invalid {
+                path: format!("{path}.{ns}"),
+                reason: "a confidential sandbox is its own VM and cannot share the host's namespaces".into(),
+            });
+        }
+    }
+    let pod_security = spec.get("securityContext").cloned().unwrap_or(Value::Null);
+    check.keys(&pod_security, &format!("{path}.securityContext"), POD_SECURITY_KEYS);
+    let volumes = volumes(path, spec, &mut check)?;
+
+    let mut containers = Vec::new();
+    for key in ["initContainers", "containers"] {
+        let Some(list) = spec.get(key) else { continue };
+        let list = list.as_array().ok_or_else(|| GenerateError::Invalid {
+            path: format!("{path}.{key}"),
+            reason: "expected a list".into(),
+        })?;
+        for (i, c) in list.iter().enumerate() {
+            let cpath = format!("{path}.{key}[{i}]");
+            containers.push(container(&cpath, c, &pod_security, &volumes, sources, &mut check)?);
+        }
+    }
+    check.finish(options)?;
+    if containers.is_empty() {
+        return Err(GenerateError::Invalid { path: format!("{path}.containers"), reason: "no containers".into() });
+    }
+    Ok(Workload { platform: Platform::Kubernetes, name: name.to_owned(), containers })
+}
+
+fn volumes(path: &str, spec: &Value, check: &mut FieldCheck) -> Result<HashMap<String, VolumeSource>, GenerateError> {
+    let mut out = HashMap::new();
+    let Some(list) = spec.get("volumes").and_then(Value::as_array) else { return Ok(out) };
+    for (i, v) in list.iter().enumerate() {
+        let vpath = format!("{path}.volumes[{i}]");
+        let name = v.get("name").and_then(Value::as_str).ok_or_else(|| GenerateError::Invalid {
+            path: format!("{vpath}.name"),
+            reason: "missing".into(),
+        })?;
+        let source = if let Some(host) = v.get("hostPath") {
+            let p = host.get("path").and_then(Value::as_str).ok_or_else(|| GenerateError::Invalid {
+                path: format!("{vpath}.hostPath.path"),
+                reason: "missing".into(),
+            })?;
+            VolumeSource::HostPath(p.to_owned())
+        } else if v.get("emptyDir").and_then(|e| e.get("medium")).and_then(Value::as_str) == Some("Memory") {
+            VolumeSource::Tmpfs
+        } else if ["emptyDir", "configMap", "secret", "projected", "downwardAPI", "persistentVolumeClaim"]
+            .iter()
+            .any(|k| v.get(k).is_some())
+        {
+            VolumeSource::Sandbox(name.to_owned())
+        } else {
+            check.unsupported(format!("{vpath} (volume type)"));
+            continue;
+        };
+        out.insert(name.to_owned(), source);
+    }
+    Ok(out)
+}
+
+fn container(
+    path: &str,
+    c: &Value,
+    pod_security: &Value,
+    volumes: &HashMap<String, VolumeSource>,
+    sources: &ConfigSources,
+    check: &mut FieldCheck,
+) -> Result<ContainerSpec, GenerateError> {
+    check.keys(c, path, CONTAINER_KEYS);
+    let name = c.get("name").and_then(Value::as_str).ok_or_else(|| GenerateError::Invalid {
+        path: format!("{path}.name"),
+        reason: "missing".into(),
+    })?;
+    let image = c.get("image").and_then(Value::as_str).ok_or_else(|| GenerateError::Invalid {
+        path: format!("{path}.image"),
+        reason: "missing".into(),
+    })?;
+    let security = c.get("securityContext").cloned().unwrap_or(Value::Null);
+    check.keys(&security, &format!("{path}.securityContext"), CONTAINER_SECURITY_KEYS);
+    // Container settings win over the pod's.
+    let sec = |key: &str| security.get(key).or_else(|| pod_security.get(key));
+    let seccomp = sec("seccompProfile");
+    if let Some(kind) = seccomp.and_then(|s| s.get("type")).and_then(Value::as_str) {
+        if kind == "Localhost" {
+            check.unsupported(format!("{path}.securityContext.seccompProfile (Localhost profiles live on the host)"));
+        }
+    }
+    let capabilities = security.get("capabilities");
+    let cap_list = |key: &str| string_list(capabilities.and_then(|c| c.get(key)), &format!("{path}.securityContext.capabilities.{key}"));
+
+    let mut supplemental_groups = Vec::new();
+    for key in ["supplementalGroups", "fsGroup"] {
+        match pod_security.get(key) {
+            Some(Value::Array(gs)) => {
+                for (i, g) in gs.iter().enumerate() {
+                    supplemental_groups.extend(int(Some(g), &format!("securityContext.{key}[{i}]"))?);
+                }
+            }
+            Some(g) => supplemental_groups.extend(int(Some(g), &format!("securityContext.{key}"))?),
+            None => {}
+        }
+    }
+    let mut sysctls = BTreeMap::new();
+    if let Some(list) = pod_security.get("sysctls").and_then(Value::as_array) {
+        for s in list {
+            if let (Some(n), Some(v)) = (s.get("name").and_then(Value::as_str), s.get("value").and_then(scalar)) {
+                sysctls.insert(n.to_owned(), v);
+            }
+        }
+    }
+
+    let mut mounts = Vec::new();
+    if let Some(list) = c.get("volumeMounts").and_then(Value::as_array) {
+        for (i, m) in list.iter().enumerate() {
+            let mpath = format!("{path}.volumeMounts[{i}]");
+            check.keys(m, &mpath, VOLUME_MOUNT_KEYS);
+            if m.get("mountPropagation").and_then(Value::as_str).is_some_and(|p| p != "None") {
+                check.unsupported(format!("{mpath}.mountPropagation"));
+            }
+            let vol = m.get("name").and_then(Value::as_str).unwrap_or_default();
+            let source = volumes.get(vol).cloned().ok_or_else(|| GenerateError::Invalid {
+                path: format!("{mpath}.name"),
+                reason: format!("no volume named \"{vol}\" in the pod spec"),
+            })?;
+            let destination = m.get("mountPath").and_then(Value::as_str).ok_or_else(|| GenerateError::Invalid {
+                path: format!("{mpath}.mountPath"),
+                reason: "missing".into(),
+            })?;
+            let read_only = m.get("readOnly").and_then(Value::as_bool).unwrap_or(false);
+            mounts.push(MountSpec { destination: destination.to_owned(), source, read_only });
+        }
+    }
+
+    let mut exec = Vec::new();
+    for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
+        if let Some(cmd) = string_list(c.pointer(&format!("/{probe}/exec/command")), &format!("{path}.{probe}.exec.command"))? {
+            exec.push(cmd);
+        }
+    }
+    for hook in ["postStart", "preStop"] {
+        if let Some(cmd) =
+            string_list(c.pointer(&format!("/lifecycle/{hook}/exec/command")), &format!("{path}.lifecycle.{hook}.exec.command"))?
+        {
+            exec.push(cmd);
+        }
+    }
+
+    let env = env(path, c, sources, check)?;
+    // The kubelet expands $(VAR) in command and args from the container's
+    // environment, so the runtime sends the expanded strings.
+    let expand_all = |key: &str| -> Result<Option<Vec<String>>, GenerateError> {
+        let Some(words) = string_list(c.get(key), &format!("{path}.{key}"))? else { return Ok(None) };
+        words
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                if let Some(runtime) = env.iter().find_map(|e| match e {
+                    EnvSpec::RuntimeValue { name, .. } if w.contains(&format!("$({name})")) => Some(name),
+                    _ => None,
+                }) {
+                    return Err(GenerateError::Invalid {
+                        path: format!("{path}.{key}[{i}]"),
+                        reason: format!("refers to $({runtime}), whose value is only known at run time, so the command cannot be pinned"),
+                    });
+                }
+                Ok(expand(w, &env))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    };
+    Ok(ContainerSpec {
+        name: name.to_owned(),
+        image: image.to_owned(),
+        command: expand_all("command")?,
+        args: expand_all("args")?,
+        env,
+        working_dir: c.get("workingDir").and_then(Value::as_str).map(str::to_owned),
+        run_as_user: int(sec("runAsUser"), &format!("{path}.securityContext.runAsUser"))?,
+        run_as_group: int(sec("runAsGroup"), &format!("{path}.securityContext.runAsGroup"))?,
+        supplemental_groups,
+        privileged: security.get("privileged").and_then(Value::as_bool).unwrap_or(false),
+        allow_privilege_escalation: security.get("allowPrivilegeEscalation").and_then(Value::as_bool),
+        read_only_rootfs: security.get("readOnlyRootFilesystem").and_then(Value::as_bool).unwrap_or(false),
+        cap_add: cap_list("add")?.unwrap_or_default(),
+        cap_drop: cap_list("drop")?.unwrap_or_default(),
+        mounts,
+        sysctls,
+        seccomp_profile_sha256: None,
+        exec,
+        stdin: c.get("stdin").and_then(Value::as_bool).unwrap_or(false),
+        tty: c.get("tty").and_then(Value::as_bool).unwrap_or(false),
+    })
+}
+
+/// Values the downward API fills in at run time, as patterns.
+fn field_ref_pattern(field: &str) -> &'static str {
+    match field {
+        "status.podIP" | "status.hostIP" => "[0-9a-fA-F.:]+",
+        "status.podIPs" | "status.hostIPs" => "[0-9a-fA-F.:,]+",
+        "metadata.name" | "metadata.namespace" | "spec.nodeName" | "spec.serviceAccountName" => {
+            "[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?"
+        }
+        "metadata.uid" => "[0-9a-f-]{36}",
+        _ => ".*",
+    }
+}
+
+fn env(path: &str, c: &Value, sources: &ConfigSources, check: &mut FieldCheck) -> Result<Vec<EnvSpec>, GenerateError> {
+    let mut out: Vec<EnvSpec> = Vec::new();
+    let lookup = |kind: &str, name: &str, key: Option<&str>, optional: bool, at: &str| -> Result<Option<BTreeMap<String, String>>, GenerateError> {
+        let map = if kind == "configMap" { sources.config_maps.get(name) } else { sources.secrets.get(name) };
+        match map {
+            Some(m) => Ok(Some(match key {
+                Some(k) => m.get(k).map(|v| BTreeMap::from([(k.to_owned(), v.clone())])).unwrap_or_default(),
+                None => m.clone(),
+            })),
+            None if optional => Ok(None),
+            None => Err(GenerateError::Invalid {
+                path: at.to_owned(),
+                reason: format!(
+                    "refers to {kind} \"{name}\", which is not in the input: the policy must pin its values, so add it to the same file(s)"
+                ),
+            }),
+        }
+    };
+
+    if let Some(list) = c.get("envFrom").and_then(Value::as_array) {
+        for (i, from) in list.iter().enumerate() {
+            let fpath = format!("{path}.envFrom[{i}]");
+            let prefix = from.get("prefix").and_then(Value::as_str).unwrap_or_default();
+            for (field, kind) in [("configMapRef", "configMap"), ("secretRef", "secret")] {
+                let Some(r) = from.get(field) else { continue };
+                let name = r.get("name").and_then(Value::as_str).unwrap_or_default();
+                let optional = r.get("optional").and_then(Value::as_bool).unwrap_or(false);
+                for (k, v) in lookup(kind, name, None, optional, &fpath)?.unwrap_or_default() {
+                    let name = format!("{prefix}{k}");
+                    let entry = if kind == "configMap" { EnvSpec::Literal { name, value: v } } else { secret_env(&name) };
+                    push_env(&mut out, entry);
+                }
+            }
+        }
+    }
+    let Some(list) = c.get("env").and_then(Value::as_array) else { return Ok(out) };
+    for (i, e) in list.iter().enumerate() {
+        let epath = format!("{path}.env[{i}]");
+        check.keys(e, &epath, ENV_KEYS);
+        let name = e.get("name").and_then(Value::as_str).ok_or_else(|| GenerateError::Invalid {
+            path: format!("{epath}.name"),
+            reason: "missing".into(),
+        })?;
+        if let Some(from) = e.get("valueFrom") {
+            let mut resolved = false;
+            for (field, kind) in [("configMapKeyRef", "configMap"), ("secretKeyRef", "secret")] {
+                let Some(r) = from.get(field) else { continue };
+                resolved = true;
+                let src = r.get("name").and_then(Value::as_str).unwrap_or_default();
+                let key = r.get("key").and_then(Value::as_str).unwrap_or_default();
+                let optional = r.get("optional").and_then(Value::as_bool).unwrap_or(false);
+                let values = lookup(kind, src, Some(key), optional, &epath)?;
+                match values.and_then(|m| m.into_values().next()) {
+                    Some(value) if kind == "configMap" => {
+                        push_env(&mut out, EnvSpec::Literal { name: name.to_owned(), value })
+                    }
+                    Some(_) => push_env(&mut out, secret_env(name)),
+                    None if optional => {}
+                    None => {
+                        return Err(GenerateError::Invalid {
+                            path: epath.clone(),
+                            reason: format!("{kind} \"{src}\" has no key \"{key}\""),
+                        });
+                    }
+                }
+            }
+            if let Some(field) = from.pointer("/fieldRef/fieldPath").and_then(Value::as_str) {
+                resolved = true;
+                push_env(&mut out, EnvSpec::RuntimeValue { name: name.to_owned(), value_pattern: field_ref_pattern(field).into() });
+            }
+            if from.get("resourceFieldRef").is_some() {
+                resolved = true;
+                push_env(&mut out, EnvSpec::RuntimeValue { name: name.to_owned(), value_pattern: "[0-9]+".into() });
+            }
+            if !resolved {
+                check.unsupported(format!("{epath}.valueFrom"));
+            }
+        } else {
+            let raw = e.get("value").and_then(scalar).unwrap_or_default();
+            let value = expand(&raw, &out);
+            push_env(&mut out, EnvSpec::Literal { name: name.to_owned(), value });
+        }
+    }
+    Ok(out)
+}
+
+/// A variable set from a Secret. Its value is not pinned: the policy is
+/// public (it travels in an annotation), so pinning would publish the
+/// secret. Confidential values belong in key release, not in Secrets.
+fn secret_env(name: &str) -> EnvSpec {
+    EnvSpec::RuntimeValue { name: name.to_owned(), value_pattern: ".*".into() }
+}
+
+/// A later definition of a name replaces an earlier one, as in the runtime.
+fn push_env(out: &mut Vec<EnvSpec>, entry: EnvSpec) {
+    let name = match &entry {
+        EnvSpec::Literal { name, .. } | EnvSpec::RuntimeValue { name, .. } => name.clone(),
+    };
+    out.retain(|e| !matches!(e, EnvSpec::Literal { name: n, .. } | EnvSpec::RuntimeValue { name: n, .. } if *n == name));
+    out.push(entry);
+}
+
+/// Kubernetes' `$(VAR)` expansion from earlier literal variables; `$$` is
+/// an escaped `$`, and references to unknown variables stay as written.
+fn expand(value: &str, env: &[EnvSpec]) -> String {
+    let Ok(reference) = regex::Regex::new(r"\$\$|\$\(([^)]*)\)") else { return value.to_owned() };
+    reference
+        .replace_all(value, |caps: &regex::Captures<'_>| match caps.get(1) {
+            None => "$".to_owned(),
+            Some(name) => env
+                .iter()
+                .find_map(|e| match e {
+                    EnvSpec::Literal { name: n, value } if n == name.as_str() => Some(value.clone()),
+                    _ => None,
+                })
+                .unwrap_or_else(|| caps.get(0).map_or_else(String::new, |m| m.as_str().to_owned())),
+        })
+        .into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dollar_expansion_follows_kubernetes() {
+        let env = vec![EnvSpec::Literal { name: "A".into(), value: "x".into() }];
+        assert_eq!(expand("$(A)/bin", &env), "x/bin");
+        assert_eq!(expand("$$(A)", &env), "$(A)");
+        assert_eq!(expand("$(B)", &env), "$(B)");
+        assert_eq!(expand("a$b$", &env), "a$b$");
+        assert_eq!(expand("$(A", &env), "$(A");
+    }
+}

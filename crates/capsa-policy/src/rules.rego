@@ -1,0 +1,870 @@
+# capsa execution-policy rules, for policy data schema version 1.
+#
+# A policy document is this file followed by `policy_data := <JSON>`, the
+# per-workload data (crates/capsa-policy/src/model.rs). The hardware
+# measures the whole document, so these rules are part of what a relying
+# party verifies: they must read as what they enforce.
+#
+# `input` is one host request (crates/capsa-policy/src/request.rs): a JSON
+# object whose `op` names the operation. The engine evaluates `decision`
+# and nothing else.
+#
+# How the rules are built, and why:
+#
+# - Positive checks decide. Every check is an `*_ok` rule that holds only
+#   when the request is shown to be acceptable, and a request is allowed
+#   only when all the checks of its op hold. A check that cannot be
+#   evaluated (a field of the wrong type, a missing field, a builtin error)
+#   is undefined, and so denies: the rules fail closed.
+# - Reasons explain, and are computed only for a denied request. For every
+#   failed check a reason says which rule, which field, what the policy
+#   allows and what was requested. A reason that failed to evaluate would
+#   vanish, which is why reasons never decide (the engine reports a denial
+#   without reasons as such).
+# - Environment values are never shown: they may be secrets. Every reason
+#   that mentions an environment entry goes through `env_shown` or
+#   `pattern_shown`, which keep the name and replace the value (the engine
+#   scrubs again after evaluation).
+# - Regular expressions from the policy must match a WHOLE string: they are
+#   anchored as \A(?:P)\z. \A and \z are the start and end of the text
+#   whatever the flags, so a value with a newline cannot end a match early
+#   the way `$` can in multi-line mode. The engine refuses a document
+#   whose patterns are not valid regular expressions on their own, so no
+#   pattern can close the group and escape the anchors.
+# - Hot path: the container is looked up once by name in an object; exact
+#   environment entries and capabilities are sets; an environment entry is
+#   tried only against the patterns for its own name; and an allowed
+#   request never evaluates a reason. Regular expressions are the expensive
+#   part of a decision, so they run only where nothing cheaper decides.
+package capsa.policy
+
+import rego.v1
+
+# ---------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------
+
+decision := {"allowed": true, "reasons": []} if {
+	schema_ok
+	op_ok
+} else := {"allowed": false, "reasons": reasons}
+
+# The rules were written for this schema version and no other.
+schema_ok if policy_data.version == 1
+
+op_ok if {
+	input.op == "create_container"
+	create_container_ok
+}
+
+op_ok if {
+	input.op == "exec_process"
+	exec_process_ok
+}
+
+op_ok if {
+	input.op == "signal_process"
+	signal_process_ok
+}
+
+op_ok if {
+	input.op == "read_stdio"
+	container.read_stdio == true
+}
+
+op_ok if {
+	input.op == "write_stdin"
+	container.write_stdin == true
+}
+
+op_ok if {
+	input.op == "get_logs"
+	container
+	policy_data.sandbox.get_logs == true
+}
+
+op_ok if {
+	input.op in sandbox_ops
+	policy_data.sandbox[input.op] == true
+}
+
+op_ok if {
+	input.op == "copy_file"
+	copy_file_ok
+}
+
+known_ops := {
+	"create_container", "exec_process", "signal_process", "read_stdio", "write_stdin",
+	"copy_file", "get_logs", "get_metrics", "shutdown", "update_policy",
+}
+
+# Operations that name a container in `input.container`.
+container_ops := {"create_container", "exec_process", "signal_process", "read_stdio", "write_stdin", "get_logs"}
+
+# Operations decided by a sandbox-wide boolean alone.
+sandbox_ops := {"get_metrics", "shutdown", "update_policy"}
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+reason(rule, field, allowed_value, requested_value, message) := {
+	"rule": rule,
+	"field": field,
+	"allowed": allowed_value,
+	"requested": requested_value,
+	"message": message,
+}
+
+# A request field, or null when absent (reasons must never be undefined).
+req(key) := object.get(input, key, null)
+
+# The element at i, or null past the end.
+at(a, i) := a[i] if i < count(a)
+
+else := null
+
+# Whether a policy regular expression matches the whole of s (see the header).
+full_match(pattern, s) if {
+	is_string(s)
+	regex.match(concat("", ["\\A(?:", pattern, ")\\z"]), s)
+}
+
+# The variable name of a `NAME=value` entry.
+env_name(e) := split(e, "=")[0]
+
+# An environment entry as reasons may show it: the name, never the value.
+env_shown(e) := sprintf("%s=<redacted>", [env_name(e)]) if {
+	is_string(e)
+	contains(e, "=")
+} else := e if {
+	is_string(e)
+} else := sprintf("<%s>", [type_name(e)])
+
+# A policy environment pattern as reasons may show it: what precedes the
+# first `=` (the name part) and nothing of the value part.
+pattern_shown(p) := sprintf("%s=<redacted pattern>", [env_name(p)]) if {
+	contains(p, "=")
+} else := "<redacted pattern>"
+
+# An absolute path without `.` or `..` components, so that a pattern such as
+# `/run/capsa/copy/.*` cannot be walked out of.
+clean_path(p) if {
+	startswith(p, "/")
+	not dot_component(p)
+}
+
+dot_component(p) if {
+	some part in split(p, "/")
+	part in {".", ".."}
+}
+
+names_text(names) := "none" if count(names) == 0
+
+else := concat(", ", [sprintf("%v", [n]) | some n in names])
+
+# ---------------------------------------------------------------------------
+# Request and policy shape
+# ---------------------------------------------------------------------------
+
+reasons contains r if {
+	not is_object(input)
+	r := reason("request.type", "", "object", type_name(input), sprintf("the request must be a JSON object, got %s", [type_name(input)]))
+}
+
+reasons contains r if {
+	is_object(input)
+	not input.op in known_ops
+	r := reason("request.op", "op", sort(known_ops), req("op"), op_message)
+}
+
+op_message := "the request has no op" if {
+	req("op") == null
+} else := sprintf("unknown operation %v (the rules know %s)", [req("op"), names_text(sort(known_ops))])
+
+reasons contains r if {
+	not schema_ok
+	version := object.get(policy_data, "version", null)
+	r := reason("policy.version", "version", 1, version, sprintf("the policy data has schema version %v; these rules are for version 1", [version]))
+}
+
+# ---------------------------------------------------------------------------
+# The container a request names
+# ---------------------------------------------------------------------------
+
+# By name, so that every request looks its container up once. Two containers
+# with one name make this object a conflict: evaluation fails and every
+# request is denied.
+containers := {c.name: c | some c in policy_data.containers}
+
+container := containers[input.container]
+
+reasons contains r if {
+	input.op in container_ops
+	not container
+	names := sort(object.keys(containers))
+	r := reason(
+		sprintf("%s.container", [input.op]), "container", names, req("container"),
+		sprintf("container %v is not in the policy, which has: %s", [req("container"), names_text(names)]),
+	)
+}
+
+# ---------------------------------------------------------------------------
+# create_container
+# ---------------------------------------------------------------------------
+
+# Only reasons about a known container's creation are explained field by
+# field; an unknown container has its own reason above.
+creating if {
+	input.op == "create_container"
+	container
+}
+
+create_container_ok if {
+	container
+	image_ok
+	layers_ok
+	args_ok
+	env_ok
+	env_required_ok
+	working_dir_ok
+	user_ok
+	groups_ok
+	capabilities_ok
+	privileged_ok
+	no_new_privileges_ok
+	seccomp_ok
+	mounts_ok
+	read_only_rootfs_ok
+	sysctls_ok
+}
+
+# --- image: the manifest digest the policy pins ---
+
+image_ok if input.image == container.image_digest
+
+reasons contains r if {
+	creating
+	not image_ok
+	r := reason(
+		"create_container.image", "image", container.image_digest, req("image"),
+		sprintf("image %v is not %s, the digest the policy pins for %s", [req("image"), container.image_digest, container.image]),
+	)
+}
+
+# --- layers and args: equal exactly, same count, same order ---
+
+layers_ok if input.layers == container.layers
+
+args_ok if input.args == container.args
+
+reasons contains r if {
+	creating
+	not layers_ok
+	d := list_difference("layers", "layer", container.layers, req("layers"))
+	r := reason("create_container.layers", d.field, d.allowed, d.requested, d.message)
+}
+
+reasons contains r if {
+	creating
+	not args_ok
+	d := list_difference("args", "argument", container.args, req("args"))
+	r := reason("create_container.args", d.field, d.allowed, d.requested, d.message)
+}
+
+# Explains how `got` differs from `want`, naming the first index that
+# differs and telling an added, missing, swapped or reordered element from a
+# different one.
+list_difference(name, noun, want, got) := {
+	"field": name, "allowed": want, "requested": got,
+	"message": sprintf("%s must be an array of strings, got %s", [name, type_name(got)]),
+} if {
+	not is_array(got)
+} else := {
+	"field": sprintf("%s[%d]", [name, i]), "allowed": at(want, i), "requested": at(got, i),
+	"message": sprintf("%s[%d] and %s[%d] are swapped", [name, i, name, j]),
+} if {
+	count(want) == count(got)
+	diff := [k | some k, w in want; got[k] != w]
+	count(diff) == 2
+	i := diff[0]
+	j := diff[1]
+	want[i] == got[j]
+	want[j] == got[i]
+} else := {
+	"field": sprintf("%s[%d]", [name, i]), "allowed": at(want, i), "requested": at(got, i),
+	"message": sprintf("the request has the policy's %ss in a different order; the first out of place is %s[%d]", [noun, name, i]),
+} if {
+	count(want) == count(got)
+	sort(want) == sort(got)
+	i := first_difference(want, got)
+} else := {
+	"field": sprintf("%s[%d]", [name, i]), "allowed": null, "requested": at(got, i),
+	"message": sprintf("the request adds a %s at %s[%d] that the policy does not have", [noun, name, i]),
+} if {
+	count(got) == count(want) + 1
+	i := first_difference(want, got)
+	without(got, i) == want
+} else := {
+	"field": sprintf("%s[%d]", [name, i]), "allowed": at(want, i), "requested": null,
+	"message": sprintf("the request lacks the policy's %s at %s[%d]", [noun, name, i]),
+} if {
+	count(got) + 1 == count(want)
+	i := first_difference(want, got)
+	without(want, i) == got
+} else := {
+	"field": sprintf("%s[%d]", [name, i]), "allowed": at(want, i), "requested": at(got, i),
+	"message": sprintf(
+		"%s[%d] differs from the policy (the request has %d %ss, the policy %d)",
+		[name, i, count(got), noun, count(want)],
+	),
+} if {
+	i := first_difference(want, got)
+} else := {
+	"field": name, "allowed": want, "requested": got,
+	"message": sprintf("%s differ from the policy", [name]),
+}
+
+first_difference(a, b) := min(d) if {
+	n := max([count(a), count(b)])
+	n > 0
+	d := {i | some i in numbers.range(0, n - 1); not same_at(a, b, i)}
+	count(d) > 0
+}
+
+same_at(a, b, i) if a[i] == b[i]
+
+without(a, i) := array.concat(array.slice(a, 0, i), array.slice(a, i + 1, count(a)))
+
+# --- env: every entry allowed exactly or by a pattern; required names set ---
+
+# Exact entries as a set: membership is one lookup, not a scan.
+env_exact := {e | some e in container.env.exact}
+
+# Indices of requested entries that the policy does not allow: neither
+# exactly nor by a pattern.
+env_denied := {i | some i, e in input.env; not env_exact[e]; not env_pattern_allowed(e)}
+
+# An entry is tried against the patterns written for its name, and against
+# the patterns whose name part is not written literally.
+env_pattern_allowed(e) if {
+	name := env_name(e)
+	some j, p in container.env.patterns
+	env_pattern_names[j] == name
+	full_match(p, e)
+}
+
+env_pattern_allowed(e) if {
+	some j, p in container.env.patterns
+	env_pattern_names[j] == ""
+	full_match(p, e)
+}
+
+# For each pattern, the variable name it is for, when every match must
+# begin with that literal name and `=`; "" when that cannot be told without
+# a regex engine. Literal means: the part before the first `=` is made of
+# letters, digits and `_` only, the `=` is not followed by a quantifier, and
+# there is no `|` anywhere (an alternative could match another name).
+env_pattern_names := [pattern_literal_name(p) | some p in container.env.patterns]
+
+pattern_literal_name(p) := name if {
+	parts := split(p, "=")
+	count(parts) > 1
+	name := parts[0]
+	name != ""
+	trim(name, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_") == ""
+	not contains(p, "|")
+	not substring(parts[1], 0, 1) in {"?", "*", "+", "{"}
+} else := ""
+
+env_ok if {
+	is_array(input.env)
+	count(env_denied) == 0
+}
+
+env_policy_shown := array.concat(
+	sort([env_shown(e) | some e in container.env.exact]),
+	[pattern_shown(p) | some p in container.env.patterns],
+)
+
+reasons contains r if {
+	creating
+	not is_array(input.env)
+	r := reason(
+		"create_container.env", "env", env_policy_shown, sprintf("<%s>", [type_name(req("env"))]),
+		sprintf("env must be an array of NAME=value strings, got %s", [type_name(req("env"))]),
+	)
+}
+
+reasons contains r if {
+	creating
+	some i in env_denied
+	e := input.env[i]
+	r := reason(
+		"create_container.env", sprintf("env[%d]", [i]), env_policy_shown, env_shown(e),
+		env_message(i, e),
+	)
+}
+
+env_message(i, e) := sprintf("env[%d] must be a NAME=value string, got %s", [i, type_name(e)]) if {
+	not is_string(e)
+} else := sprintf(
+	"env[%d]: the policy allows %s, but not with this value (values are not shown)",
+	[i, env_name(e)],
+) if {
+	some x in container.env.exact
+	env_name(x) == env_name(e)
+} else := sprintf(
+	"env[%d]: %s matches no entry or pattern of the policy (values are not shown)",
+	[i, env_shown(e)],
+)
+
+env_names := {split(e, "=")[0] | some e in input.env; is_string(e)}
+
+env_missing := {n | some n in container.env.required; not env_names[n]}
+
+env_required_ok if count(env_missing) == 0
+
+reasons contains r if {
+	creating
+	some n in env_missing
+	r := reason(
+		"create_container.env_required", "env", sort(container.env.required), sort(env_names),
+		sprintf("the policy requires the variable %s, which the request does not set", [n]),
+	)
+}
+
+# --- working directory ---
+
+working_dir_ok if input.working_dir == container.working_dir
+
+reasons contains r if {
+	creating
+	not working_dir_ok
+	r := reason(
+		"create_container.working_dir", "working_dir", container.working_dir, req("working_dir"),
+		sprintf("working directory %v is not %v", [req("working_dir"), container.working_dir]),
+	)
+}
+
+# --- user: uid and gid equal, supplementary groups a subset ---
+
+user_ok if {
+	input.user.uid == container.user.uid
+	input.user.gid == container.user.gid
+}
+
+requested_user := object.get(input, "user", null)
+
+reasons contains r if {
+	creating
+	not is_object(requested_user)
+	r := reason(
+		"create_container.user", "user", container.user, requested_user,
+		sprintf("user must be an object with uid, gid and groups, got %s", [type_name(requested_user)]),
+	)
+}
+
+reasons contains r if {
+	creating
+	is_object(requested_user)
+	some id in ["uid", "gid"]
+	got := object.get(requested_user, id, null)
+	got != container.user[id]
+	r := reason(
+		"create_container.user", sprintf("user.%s", [id]), container.user[id], got,
+		sprintf("user.%s %v is not %v", [id, got, container.user[id]]),
+	)
+}
+
+requested_groups := object.get(requested_user, "groups", [])
+
+policy_groups := {g | some g in container.user.groups}
+
+groups_denied := {i | some i, g in requested_groups; not policy_groups[g]}
+
+groups_ok if {
+	is_array(requested_groups)
+	count(groups_denied) == 0
+}
+
+reasons contains r if {
+	creating
+	is_object(requested_user)
+	not is_array(requested_groups)
+	r := reason(
+		"create_container.user", "user.groups", container.user.groups, requested_groups,
+		sprintf("user.groups must be an array of group IDs, got %s", [type_name(requested_groups)]),
+	)
+}
+
+reasons contains r if {
+	creating
+	some i in groups_denied
+	g := requested_groups[i]
+	r := reason(
+		"create_container.user", sprintf("user.groups[%d]", [i]), container.user.groups, g,
+		sprintf("supplementary group %v is not among the policy's groups", [g]),
+	)
+}
+
+# --- capabilities: the request may hold fewer, never more ---
+
+policy_capabilities := {c | some c in container.capabilities}
+
+capabilities_denied := {i | some i, c in input.capabilities; not policy_capabilities[c]}
+
+capabilities_ok if {
+	is_array(input.capabilities)
+	count(capabilities_denied) == 0
+}
+
+reasons contains r if {
+	creating
+	not is_array(req("capabilities"))
+	r := reason(
+		"create_container.capabilities", "capabilities", container.capabilities, req("capabilities"),
+		sprintf("capabilities must be an array of names, got %s", [type_name(req("capabilities"))]),
+	)
+}
+
+reasons contains r if {
+	creating
+	some i in capabilities_denied
+	c := input.capabilities[i]
+	r := reason(
+		"create_container.capabilities", sprintf("capabilities[%d]", [i]), container.capabilities, c,
+		sprintf("capability %v is not among those the policy allows", [c]),
+	)
+}
+
+# --- booleans: privileged, no_new_privileges, read_only_rootfs ---
+# Each is written as the cases that are acceptable; a string "true", a
+# missing field or any other value matches none of them.
+
+privileged_ok if input.privileged == false
+
+privileged_ok if {
+	input.privileged == true
+	container.privileged == true
+}
+
+no_new_privileges_ok if input.no_new_privileges == true
+
+no_new_privileges_ok if {
+	input.no_new_privileges == false
+	container.no_new_privileges == false
+}
+
+read_only_rootfs_ok if input.read_only_rootfs == true
+
+read_only_rootfs_ok if {
+	input.read_only_rootfs == false
+	container.read_only_rootfs == false
+}
+
+reasons contains r if {
+	creating
+	some check in boolean_checks
+	not check.ok
+	got := req(check.field)
+	r := reason(
+		sprintf("create_container.%s", [check.field]), check.field, check.allowed, got,
+		boolean_message(check, got),
+	)
+}
+
+boolean_checks := [
+	{
+		"field": "privileged", "ok": privileged_ok_value,
+		"allowed": container.privileged, "needs": "false unless the policy allows a privileged container",
+	},
+	{
+		"field": "no_new_privileges", "ok": no_new_privileges_ok_value,
+		"allowed": container.no_new_privileges, "needs": "true, as the policy requires",
+	},
+	{
+		"field": "read_only_rootfs", "ok": read_only_rootfs_ok_value,
+		"allowed": container.read_only_rootfs, "needs": "true, as the policy requires a read-only root filesystem",
+	},
+]
+
+default privileged_ok_value := false
+
+privileged_ok_value if privileged_ok
+
+default no_new_privileges_ok_value := false
+
+no_new_privileges_ok_value if no_new_privileges_ok
+
+default read_only_rootfs_ok_value := false
+
+read_only_rootfs_ok_value if read_only_rootfs_ok
+
+boolean_message(check, got) := sprintf("%s must be a boolean, got %s", [check.field, type_name(got)]) if {
+	not is_boolean(got)
+} else := sprintf("%s is %v; it must be %s", [check.field, got, check.needs])
+
+# --- seccomp: when the policy pins a profile, the request must carry it ---
+
+policy_seccomp := object.get(container, "seccomp_profile_sha256", null)
+
+requested_seccomp := req("seccomp_profile_sha256")
+
+seccomp_ok if {
+	policy_seccomp == null
+	requested_seccomp == null
+}
+
+# A profile the policy does not ask for only restricts the container further.
+seccomp_ok if {
+	policy_seccomp == null
+	is_string(requested_seccomp)
+}
+
+seccomp_ok if {
+	is_string(policy_seccomp)
+	requested_seccomp == policy_seccomp
+}
+
+reasons contains r if {
+	creating
+	not seccomp_ok
+	r := reason(
+		"create_container.seccomp", "seccomp_profile_sha256", policy_seccomp, requested_seccomp,
+		seccomp_message,
+	)
+}
+
+seccomp_message := "the policy requires a seccomp profile, and the request carries none" if {
+	requested_seccomp == null
+} else := sprintf("seccomp profile %v is not the one the policy pins (%v)", [requested_seccomp, policy_seccomp])
+
+# --- mounts: every requested mount must match a policy mount ---
+
+mounts_denied := {i | some i, m in input.mounts; not mount_allowed(m)}
+
+mounts_ok if {
+	is_array(input.mounts)
+	count(mounts_denied) == 0
+}
+
+mount_allowed(m) if {
+	some p in container.mounts
+	m.destination == p.destination
+	m.type == p.type
+	source_matches(p.source, m.source)
+	options_ok(p, m)
+}
+
+source_matches(s, src) if src == s.exact
+
+source_matches(s, src) if {
+	pattern := s.pattern
+	is_string(src)
+	clean_path(src)
+	full_match(pattern, src)
+}
+
+# Every option the policy names (such as `ro`) must be present, and `rw`
+# may not stand beside a policy `ro`: the host can never make a read-only
+# mount writable.
+options_ok(p, m) if {
+	is_array(m.options)
+	every o in m.options {
+		is_string(o)
+	}
+	every o in p.options {
+		o in m.options
+	}
+	not writable_over_read_only(p, m)
+}
+
+writable_over_read_only(p, m) if {
+	"ro" in p.options
+	"rw" in m.options
+}
+
+reasons contains r if {
+	creating
+	not is_array(req("mounts"))
+	r := reason(
+		"create_container.mounts", "mounts", container.mounts, req("mounts"),
+		sprintf("mounts must be an array of mounts, got %s", [type_name(req("mounts"))]),
+	)
+}
+
+reasons contains r if {
+	creating
+	some i in mounts_denied
+	m := input.mounts[i]
+	candidates := [p | some p in container.mounts; p.destination == object.get(m, "destination", null)]
+	r := reason(
+		"create_container.mounts", sprintf("mounts[%d]", [i]), mount_allowed_shown(candidates), m,
+		sprintf("mounts[%d]: %s", [i, mount_problem(candidates, m)]),
+	)
+}
+
+mount_allowed_shown(candidates) := candidates if count(candidates) > 0
+
+else := sort([p.destination | some p in container.mounts])
+
+mount_problem(candidates, m) := sprintf("a mount must be an object, got %s", [type_name(m)]) if {
+	not is_object(m)
+} else := sprintf(
+	"nothing may be mounted at %v; the policy allows mounts at: %s",
+	[object.get(m, "destination", null), names_text(sort([p.destination | some p in container.mounts]))],
+) if {
+	count(candidates) == 0
+} else := mount_mismatch(candidates[0], m)
+
+mount_mismatch(p, m) := sprintf("type %v is not %v", [object.get(m, "type", null), p.type]) if {
+	object.get(m, "type", null) != p.type
+} else := sprintf("source %v is not %v", [object.get(m, "source", null), p.source.exact]) if {
+	is_string(p.source.exact)
+	not source_matches(p.source, object.get(m, "source", null))
+} else := sprintf(
+	"source %v does not match the pattern %v as a clean absolute path",
+	[object.get(m, "source", null), p.source.pattern],
+) if {
+	not source_matches(p.source, object.get(m, "source", null))
+} else := sprintf("%v is writable (rw) but the policy mounts it read-only", [p.destination]) if {
+	writable_over_read_only(p, m)
+} else := sprintf(
+	"options %v lack %v, which the policy requires at %v",
+	[object.get(m, "options", null), p.options, p.destination],
+) if {
+	is_array(m.options)
+	some o in p.options
+	not o in m.options
+} else := sprintf("options must be an array of strings, got %v", [object.get(m, "options", null)])
+
+# --- sysctls: each requested one must be in the policy with that value ---
+
+requested_sysctls := object.get(input, "sysctls", {})
+
+policy_sysctls := object.get(container, "sysctls", {})
+
+sysctl_allowed(k, v) if policy_sysctls[k] == v
+
+sysctls_denied := {k | some k, v in requested_sysctls; not sysctl_allowed(k, v)}
+
+sysctls_ok if {
+	is_object(requested_sysctls)
+	count(sysctls_denied) == 0
+}
+
+reasons contains r if {
+	creating
+	not is_object(requested_sysctls)
+	r := reason(
+		"create_container.sysctls", "sysctls", policy_sysctls, requested_sysctls,
+		sprintf("sysctls must be an object of names to values, got %s", [type_name(requested_sysctls)]),
+	)
+}
+
+reasons contains r if {
+	creating
+	some k in sysctls_denied
+	r := reason(
+		"create_container.sysctls", sprintf("sysctls.%v", [k]), object.get(policy_sysctls, k, null),
+		requested_sysctls[k], sysctl_message(k),
+	)
+}
+
+sysctl_message(k) := sprintf("sysctl %v is set to %v; the policy allows only %v", [k, requested_sysctls[k], policy_sysctls[k]]) if {
+	policy_sysctls[k]
+} else := sprintf("sysctl %v is not in the policy", [k])
+
+# ---------------------------------------------------------------------------
+# exec_process: exactly one of the container's listed commands
+# ---------------------------------------------------------------------------
+
+exec_process_ok if {
+	is_array(input.args)
+	some command in container.exec
+	command == input.args
+}
+
+reasons contains r if {
+	input.op == "exec_process"
+	container
+	not exec_process_ok
+	r := reason(
+		"exec_process.args", "args", container.exec, req("args"),
+		sprintf(
+			"command %v is not among the %d commands the policy allows in container %v",
+			[req("args"), count(container.exec), input.container],
+		),
+	)
+}
+
+# ---------------------------------------------------------------------------
+# signal_process: a signal the container's policy lists
+# ---------------------------------------------------------------------------
+
+signal_process_ok if {
+	is_number(input.signal)
+	some s in container.signals
+	s == input.signal
+}
+
+reasons contains r if {
+	input.op == "signal_process"
+	container
+	not signal_process_ok
+	r := reason(
+		"signal_process.signal", "signal", container.signals, req("signal"),
+		sprintf("signal %v may not be sent to container %v", [req("signal"), input.container]),
+	)
+}
+
+# ---------------------------------------------------------------------------
+# Per-container and sandbox-wide permissions
+# ---------------------------------------------------------------------------
+
+reasons contains r if {
+	input.op in {"read_stdio", "write_stdin"}
+	container
+	not container[input.op] == true
+	r := reason(
+		sprintf("%s.permission", [input.op]), input.op, object.get(container, input.op, null), true,
+		sprintf("the policy does not allow %s for container %v", [input.op, input.container]),
+	)
+}
+
+reasons contains r if {
+	input.op in {"get_logs", "get_metrics", "shutdown", "update_policy"}
+	not policy_data.sandbox[input.op] == true
+	r := reason(
+		sprintf("%s.permission", [input.op]), sprintf("sandbox.%s", [input.op]),
+		object.get(policy_data.sandbox, input.op, null), true,
+		sprintf("the policy does not allow %s", [input.op]),
+	)
+}
+
+# ---------------------------------------------------------------------------
+# copy_file: a clean absolute path that a policy pattern matches whole
+# ---------------------------------------------------------------------------
+
+copy_file_ok if {
+	is_string(input.path)
+	clean_path(input.path)
+	some p in policy_data.sandbox.copy_file
+	full_match(p, input.path)
+}
+
+reasons contains r if {
+	input.op == "copy_file"
+	not copy_file_ok
+	r := reason(
+		"copy_file.path", "path", policy_data.sandbox.copy_file, req("path"),
+		copy_file_message,
+	)
+}
+
+copy_file_message := sprintf("path must be a string, got %s", [type_name(req("path"))]) if {
+	not is_string(req("path"))
+} else := sprintf("path %v must be absolute, without . or .. components", [req("path")]) if {
+	not clean_path(req("path"))
+} else := sprintf("path %v matches none of the policy's copy_file patterns", [req("path")])

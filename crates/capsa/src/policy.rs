@@ -1,0 +1,254 @@
+//! `capsa policy ...` and `capsa verity`: argument types and rendering; the
+//! work is in `capsa-policy` and `capsa-oci`.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use capsa_oci::image::{ImageSource, ManifestOrigin, Platform, ResolveOptions, resolve_blocking};
+use capsa_policy::document::PolicyDocument;
+use capsa_policy::engine::Engine;
+use capsa_policy::generate::settings::Settings;
+use capsa_policy::generate::{ImageFacts, ImageResolver, InputKind, Options};
+use clap::{Args, Subcommand, ValueEnum};
+
+use crate::{Refused, UsageError, output, read};
+
+#[derive(Subcommand)]
+pub enum PolicyCommand {
+    /// Generate execution policies from Kubernetes YAML, an ARM template or a compose file.
+    Gen(GenArgs),
+    /// Decide a host request against a policy: exit 0 allowed, 1 denied (reasons printed).
+    Check(CheckArgs),
+    /// Show what changed between two policies, container by container.
+    Diff(DiffArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Kind {
+    /// Kubernetes YAML.
+    K8s,
+    /// Azure Resource Manager template.
+    Arm,
+    /// Compose file.
+    Compose,
+}
+
+#[derive(Args)]
+pub struct GenArgs {
+    /// The input: Kubernetes YAML, ARM template (JSON) or compose file.
+    input: PathBuf,
+    /// The input's kind (default: detected from its content).
+    #[arg(long, value_enum)]
+    kind: Option<Kind>,
+    /// Write the input with the policy attached here (default: stdout).
+    #[arg(long, short)]
+    out: Option<PathBuf>,
+    /// Print the Rego document(s) instead of the annotated input.
+    #[arg(long)]
+    print: bool,
+    /// Write the initdata TOML here (one workload only).
+    #[arg(long)]
+    initdata: Option<PathBuf>,
+    /// Extra platform settings (TOML) added to the ones capsa ships.
+    #[arg(long)]
+    settings: Vec<PathBuf>,
+    /// Ignore fields capsa does not support instead of failing.
+    #[arg(long)]
+    allow_unsupported: bool,
+    /// Resolve images from this local OCI layout instead of a registry.
+    #[arg(long, conflicts_with_all = ["oci_archive", "docker_archive"])]
+    oci_layout: Option<PathBuf>,
+    /// Resolve images from this oci-archive tar.
+    #[arg(long, conflicts_with = "docker_archive")]
+    oci_archive: Option<PathBuf>,
+    /// Resolve images from this docker-archive tar (`docker save`).
+    #[arg(long)]
+    docker_archive: Option<PathBuf>,
+    /// Allow plain HTTP to this registry (loopback registries always may).
+    #[arg(long)]
+    insecure_registry: Vec<String>,
+    /// Platform to select from multi-arch images.
+    #[arg(long, default_value = "linux/amd64")]
+    platform: String,
+    /// Resolve only from the local cache.
+    #[arg(long)]
+    offline: bool,
+}
+
+#[derive(Args)]
+pub struct CheckArgs {
+    /// The policy: a Rego document or initdata TOML.
+    #[arg(long)]
+    policy: PathBuf,
+    /// The request (JSON object with `op`).
+    #[arg(long)]
+    request: PathBuf,
+    /// Print the decision as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct DiffArgs {
+    /// The old policy (Rego document or initdata TOML).
+    old: PathBuf,
+    /// The new policy.
+    new: PathBuf,
+}
+
+#[derive(Args)]
+pub struct VerityArgs {
+    /// The file to hash (an image of a filesystem).
+    file: PathBuf,
+    /// Salt as hex (default: none).
+    #[arg(long)]
+    salt: Option<String>,
+}
+
+/// Adapts capsa-oci's resolver to what policy generation asks.
+struct OciResolver {
+    source: ImageSource,
+    options: ResolveOptions,
+}
+
+impl ImageResolver for OciResolver {
+    fn resolve(&mut self, reference: &str) -> Result<ImageFacts, String> {
+        let image = resolve_blocking(reference, &self.source, &self.options).map_err(|e| e.to_string())?;
+        if let ManifestOrigin::Cache(reason) = &image.report.origin {
+            let _ = writeln!(std::io::stderr(), "capsa: {reference}: using the cached resolution ({reason:?})");
+        }
+        Ok(ImageFacts {
+            manifest_digest: image.manifest_digest,
+            diff_ids: image.layers.into_iter().map(|l| l.diff_id).collect(),
+            entrypoint: image.config.entrypoint,
+            cmd: image.config.cmd,
+            env: image.config.env,
+            working_dir: image.config.working_dir,
+            user: image.config.user,
+        })
+    }
+}
+
+pub fn run(cmd: PolicyCommand) -> anyhow::Result<()> {
+    match cmd {
+        PolicyCommand::Gen(args) => gen_policy(args),
+        PolicyCommand::Check(args) => check(args),
+        PolicyCommand::Diff(args) => diff(args),
+    }
+}
+
+fn text(path: &std::path::Path) -> anyhow::Result<String> {
+    String::from_utf8(read(path)?).map_err(|_| UsageError(format!("{} is not UTF-8 text", path.display())).into())
+}
+
+fn gen_policy(args: GenArgs) -> anyhow::Result<()> {
+    let input = text(&args.input)?;
+    let kind = match args.kind {
+        Some(Kind::K8s) => InputKind::Kubernetes,
+        Some(Kind::Arm) => InputKind::Arm,
+        Some(Kind::Compose) => InputKind::Compose,
+        None => InputKind::detect(&input),
+    };
+    let extra: Vec<(String, String)> =
+        args.settings.iter().map(|p| Ok((p.display().to_string(), text(p)?))).collect::<anyhow::Result<_>>()?;
+    let extra_refs: Vec<(&str, &str)> = extra.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    let settings = Settings::shipped_and(&extra_refs).map_err(|e| UsageError(e.to_string()))?;
+    let source = match (args.oci_layout, args.oci_archive, args.docker_archive) {
+        (Some(dir), _, _) => ImageSource::OciLayout(dir),
+        (_, Some(tar), _) => ImageSource::OciArchive(tar),
+        (_, _, Some(tar)) => ImageSource::DockerArchive(tar),
+        _ => ImageSource::Registry,
+    };
+    let platform: Platform = args.platform.parse().map_err(|e: capsa_oci::image::ImageError| UsageError(e.to_string()))?;
+    let options = ResolveOptions {
+        platform,
+        insecure_registries: args.insecure_registry,
+        progress: true,
+        offline: args.offline,
+        ..ResolveOptions::default()
+    };
+    let mut resolver = OciResolver { source, options };
+    let origin = args.input.display().to_string();
+    let generated = capsa_policy::generate::generate(
+        kind,
+        &origin,
+        &input,
+        &mut resolver,
+        &settings,
+        &Options { allow_unsupported: args.allow_unsupported },
+    )
+    .map_err(|e| UsageError(e.to_string()))?;
+
+    if let Some(path) = &args.initdata {
+        let [only] = generated.workloads.as_slice() else {
+            return Err(UsageError(format!(
+                "--initdata writes one workload's initdata, but {} has {}",
+                origin,
+                generated.workloads.len()
+            ))
+            .into());
+        };
+        output::write_atomic(path, only.initdata.toml().as_bytes())?;
+    }
+    if args.print {
+        for w in &generated.workloads {
+            print!("{}", w.document.rego());
+        }
+    } else if let Some(path) = &args.out {
+        output::write_atomic(path, generated.annotated.as_bytes())?;
+    } else {
+        print!("{}", generated.annotated);
+    }
+    let mut stderr = std::io::stderr();
+    for w in &generated.workloads {
+        writeln!(stderr, "{}: HOST_DATA {}", w.name, hex::encode(w.host_data))?;
+    }
+    Ok(())
+}
+
+fn load_document(path: &std::path::Path) -> anyhow::Result<PolicyDocument> {
+    PolicyDocument::from_text(&text(path)?)
+        .map_err(|e| UsageError(format!("{}: {e}", path.display())).into())
+}
+
+fn check(args: CheckArgs) -> anyhow::Result<()> {
+    let document = load_document(&args.policy)?;
+    let request = text(&args.request)?;
+    serde_json::from_str::<serde_json::Value>(&request)
+        .map_err(|e| UsageError(format!("{} is not JSON: {e}", args.request.display())))?;
+    let mut engine =
+        Engine::from_document(document.rego()).map_err(|e| UsageError(format!("{}: {e}", args.policy.display())))?;
+    let decision = engine.decide_json(&request);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&decision)?);
+    } else {
+        print!("{decision}");
+    }
+    if decision.allowed { Ok(()) } else { Err(Refused("request denied by the policy".into()).into()) }
+}
+
+fn diff(args: DiffArgs) -> anyhow::Result<()> {
+    let old = load_document(&args.old)?.data().map_err(|e| UsageError(format!("{}: {e}", args.old.display())))?;
+    let new = load_document(&args.new)?.data().map_err(|e| UsageError(format!("{}: {e}", args.new.display())))?;
+    let changes = capsa_policy::diff::diff(&old, &new);
+    if changes.is_empty() {
+        println!("no changes");
+    }
+    for change in changes {
+        println!("{}", change.to_string().trim_end());
+    }
+    Ok(())
+}
+
+pub fn verity(args: VerityArgs) -> anyhow::Result<()> {
+    let salt = match &args.salt {
+        Some(s) => hex::decode(s.trim()).map_err(|e| UsageError(format!("--salt is not hex: {e}")))?,
+        None => Vec::new(),
+    };
+    let params = capsa_oci::verity::VerityParams { salt };
+    let root = capsa_oci::verity::root_hash_file(&args.file, &params)
+        .with_context(|| format!("cannot compute the dm-verity root hash of {}", args.file.display()))?;
+    println!("{}", hex::encode(root));
+    Ok(())
+}
