@@ -444,3 +444,35 @@ fn sim_report_with_debug_policy_says_so() {
     assert_exit(&o, 0);
     assert_eq!(json(&o)["x-ms-sevsnpvm-is-debuggable"], true);
 }
+
+#[test]
+fn verity_root_hash_equals_veritysetup() {
+    if !capsa_testkit::have("veritysetup") {
+        return;
+    }
+    let dir = TempDir::new("verity");
+    let data = dir.path("data.img");
+    let bytes: Vec<u8> = (0..(1u32 << 20) + 8192).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    std::fs::write(&data, &bytes[..1 << 20]).unwrap();
+    for salt in [None, Some("00112233445566778899aabbccddeeff")] {
+        let hash_file = dir.path("hash.img");
+        let mut veritysetup = Command::new("veritysetup");
+        veritysetup.args(["format", "--hash", "sha256", "--data-block-size", "4096", "--hash-block-size", "4096", "--format", "1"]);
+        veritysetup.args(["--salt", salt.unwrap_or("-"), &data, &hash_file]);
+        let out = veritysetup.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let expected = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("Root hash:").map(|h| h.trim().to_owned()))
+            .unwrap();
+        let mut args = vec!["verity", data.as_str()];
+        if let Some(s) = salt {
+            args.extend(["--salt", s]);
+        }
+        let o = capsa(&args);
+        assert_exit(&o, 0);
+        assert_eq!(stdout(&o).trim(), expected, "salt {salt:?}");
+    }
+    let o = capsa(&["verity", "/nonexistent"]);
+    assert_exit(&o, 2);
+}
