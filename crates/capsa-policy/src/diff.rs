@@ -60,7 +60,8 @@ pub fn diff(old: &PolicyData, new: &PolicyData) -> Vec<Change> {
         changes.push(Change::ContainerAdded(name.clone()));
     }
     for name in old_names.intersection(&new_names) {
-        let find = |d: &PolicyData| d.containers.iter().find(|c| &c.name == name).and_then(|c| serde_json::to_value(c).ok());
+        let find =
+            |d: &PolicyData| d.containers.iter().find(|c| &c.name == name).and_then(|c| serde_json::to_value(c).ok());
         if let (Some(a), Some(b)) = (find(old), find(new)) {
             fields(name, &a, &b, &mut changes);
         }

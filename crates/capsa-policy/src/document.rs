@@ -34,7 +34,9 @@ pub enum DocumentError {
     #[error("cannot serialise the policy data: {0}")]
     Serialise(String),
     /// The initdata is not valid TOML of the expected shape.
-    #[error("initdata is not valid: {0}; expected TOML with version, algorithm and a [data] table holding \"policy.rego\"")]
+    #[error(
+        "initdata is not valid: {0}; expected TOML with version, algorithm and a [data] table holding \"policy.rego\""
+    )]
     Initdata(String),
     /// The initdata uses an algorithm capsa does not support.
     #[error("initdata algorithm \"{0}\" is not supported (capsa writes and reads sha256)")]

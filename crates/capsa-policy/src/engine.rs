@@ -6,6 +6,17 @@
 //! `decision` rule for each request with [regorus], and turns the result into
 //! a [`Decision`] that explains every denial.
 //!
+//! A document made of exactly this version's [`RULES`] and its data is
+//! evaluated in regorus' compiled form (RVM bytecode, with the policy data
+//! folded into one constant), several times faster than regorus'
+//! tree-walking interpreter. The compiled form departs from Rego's
+//! semantics in places (see the header of `rules.rego`); these rules avoid
+//! those places, and the decision tests check, case by case and on tens of
+//! thousands of mutated requests, that both forms decide alike. Any other
+//! document (rules of another version, extra rules) is evaluated by the
+//! interpreter, the reference semantics. [`Engine::decide_reference`]
+//! always uses the interpreter.
+//!
 //! Deciding never fails: anything that is not a clear, well-formed "allow"
 //! (an evaluation error, an undefined or non-boolean result, a time limit
 //! exceeded, a request too large) is a deny with a reason saying so, as
@@ -28,8 +39,14 @@
 
 use std::fmt;
 use std::num::{NonZeroU32, NonZeroUsize};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use regorus::languages::rego::compiler::Compiler;
+use regorus::rvm::Program;
+use regorus::rvm::RegoVM;
+use regorus::rvm::vm::VmError;
 use regorus::utils::limits::{ExecutionTimerConfig, LimitError, PolicyLengthConfig};
 use serde::{Deserialize, Serialize};
 
@@ -66,14 +83,24 @@ pub struct Limits {
     pub max_request_depth: usize,
     /// Wall-clock time one evaluation may take.
     pub time_limit: Duration,
+    /// Bytecode instructions one evaluation may execute: a bound that,
+    /// unlike time, does not depend on how busy the machine is.
+    pub max_instructions: usize,
 }
 
 impl Default for Limits {
-    /// 1 MiB, 32 levels, 100 ms: a request to create a container is a few
-    /// KiB and decides in tens of microseconds, so these leave a margin of
-    /// three orders of magnitude while bounding a hostile host.
+    /// 1 MiB, 32 levels, 250 ms, 5 million instructions: a request to
+    /// create a container is a few KiB and decides in well under a
+    /// millisecond, so these leave a margin of two to three orders of
+    /// magnitude while bounding what a hostile host can make one request
+    /// cost.
     fn default() -> Self {
-        Self { max_request_bytes: 1024 * 1024, max_request_depth: 32, time_limit: Duration::from_millis(100) }
+        Self {
+            max_request_bytes: 1024 * 1024,
+            max_request_depth: 32,
+            time_limit: Duration::from_millis(250),
+            max_instructions: 5_000_000,
+        }
     }
 }
 
@@ -101,6 +128,20 @@ pub enum EngineError {
     /// `policy_data` does not have the shape of [`model::PolicyData`].
     #[error("policy_data in the policy document is not valid policy data: {0}")]
     Data(String),
+    /// A regular expression in `policy_data` is not valid on its own.
+    #[error("policy_data holds an invalid regular expression in {field}: {error}")]
+    Pattern {
+        /// Where: e.g. `containers[2].env.patterns[0]`.
+        field: String,
+        /// Why the regex crate refuses it.
+        error: String,
+    },
+    /// The document cannot be compiled for evaluation.
+    #[error("cannot compile the policy document: {0}")]
+    Compile(String),
+    /// The document does not define `decision` in package `capsa.policy`.
+    #[error("the policy document does not define decision in package capsa.policy")]
+    NoDecision,
     /// `policy_data` is of another schema version.
     #[error("policy_data has schema version {found}; this capsa reads version {expected}")]
     Version {
@@ -174,11 +215,14 @@ impl fmt::Display for Decision {
 
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.field.is_empty() {
-            writeln!(f, "  [{}] {}", self.rule, self.message)?;
-        } else {
-            writeln!(f, "  [{}] {}: {}", self.rule, self.field, self.message)?;
-        }
+        // Messages name the field themselves. Control characters (a
+        // newline in a requested path) are shown escaped, one reason a line.
+        let message: String = self
+            .message
+            .chars()
+            .flat_map(|c| if c.is_control() { c.escape_default().collect() } else { vec![c] })
+            .collect();
+        writeln!(f, "  {}: {message}", self.rule)?;
         writeln!(f, "      policy allows: {}", shown(&self.allowed))?;
         writeln!(f, "      requested:     {}", shown(&self.requested))
     }
@@ -197,15 +241,65 @@ fn shown(value: &serde_json::Value) -> String {
 /// A compiled policy, ready to decide. Built once per sandbox; [`Engine::decide`]
 /// is the hot path.
 ///
-/// Deciding needs `&mut self` (regorus keeps evaluation state); the engine
-/// is [`Clone`], so concurrent callers can each hold a copy.
-#[derive(Clone)]
+/// Deciding needs `&mut self` (the VM keeps evaluation state); the engine
+/// is [`Clone`] and the compiled program is shared, so concurrent callers
+/// can each hold a copy cheaply.
 pub struct Engine {
-    regorus: regorus::Engine,
+    /// The interpreter, holding the parsed document: it evaluated
+    /// `policy_data` at load and serves [`Engine::decide_reference`].
+    interpreter: regorus::Engine,
+    /// `decision` compiled to bytecode, for a document of exactly
+    /// [`RULES`] and its data.
+    compiled: Option<Compiled>,
     limits: Limits,
     /// Environment values of the policy, scrubbed from every reason.
     policy_env: Vec<String>,
     data: PolicyData,
+}
+
+struct Compiled {
+    program: Arc<Program>,
+    vm: RegoVM,
+}
+
+impl Clone for Engine {
+    fn clone(&self) -> Self {
+        Self {
+            interpreter: self.interpreter.clone(),
+            compiled: self
+                .compiled
+                .as_ref()
+                .map(|c| Compiled { program: Arc::clone(&c.program), vm: new_vm(&c.program, &self.limits) }),
+            limits: self.limits,
+            policy_env: self.policy_env.clone(),
+            data: self.data.clone(),
+        }
+    }
+}
+
+fn timer(limits: &Limits) -> ExecutionTimerConfig {
+    ExecutionTimerConfig { limit: limits.time_limit, check_interval: NonZeroU32::new(64).unwrap_or(NonZeroU32::MIN) }
+}
+
+fn new_vm(program: &Arc<Program>, limits: &Limits) -> RegoVM {
+    let mut vm = RegoVM::new();
+    vm.load_program(Arc::clone(program));
+    vm.set_execution_timer_config(Some(timer(limits)));
+    vm.set_max_instructions(limits.max_instructions);
+    vm
+}
+
+/// The capacity this process has configured for regorus' compiled-regex
+/// cache (process-wide; only ever raised).
+static REGEX_CACHE_CAPACITY: AtomicUsize = AtomicUsize::new(0);
+
+/// Makes room in regorus' regex cache for every pattern of the policy (each
+/// used anchored), so that deciding never recompiles one.
+fn reserve_regex_cache(patterns: usize) {
+    let wanted = patterns.saturating_mul(2).max(256);
+    if REGEX_CACHE_CAPACITY.fetch_max(wanted, Ordering::Relaxed) < wanted {
+        regorus::cache::configure(regorus::cache::Config { regex: wanted, ..regorus::cache::Config::default() });
+    }
 }
 
 impl fmt::Debug for Engine {
@@ -219,15 +313,20 @@ impl Engine {
     /// From a whole policy document (rules + `policy_data := ...`).
     ///
     /// The document is what the hardware measured, so it is evaluated as
-    /// is, even if its rules differ from [`RULES`]; it is refused only if it
-    /// is not valid Rego or does not define `policy_data` as valid policy
-    /// data of [`model::SCHEMA_VERSION`].
+    /// is, even if its rules differ from [`RULES`] (then by the
+    /// interpreter: see the module documentation); it is refused only if it
+    /// is not valid Rego, does not define `decision`, or does not define
+    /// `policy_data` as valid policy data of [`model::SCHEMA_VERSION`].
     pub fn from_document(rego: &str) -> Result<Self, EngineError> {
         Self::from_document_with_limits(rego, Limits::default())
     }
 
     /// [`Engine::from_document`] with other limits.
     pub fn from_document_with_limits(rego: &str, limits: Limits) -> Result<Self, EngineError> {
+        Self::load(rego, limits, Compile::IfRules)
+    }
+
+    fn load(rego: &str, limits: Limits, compile: Compile) -> Result<Self, EngineError> {
         if rego.len() > MAX_DOCUMENT_BYTES {
             return Err(EngineError::DocumentTooLarge { size: rego.len(), limit: MAX_DOCUMENT_BYTES });
         }
@@ -239,10 +338,7 @@ impl Engine {
             max_file_bytes: NonZeroUsize::new(MAX_DOCUMENT_BYTES).unwrap_or(NonZeroUsize::MIN),
             max_lines: NonZeroUsize::new(MAX_DOCUMENT_BYTES).unwrap_or(NonZeroUsize::MIN),
         });
-        regorus.set_execution_timer_config(ExecutionTimerConfig {
-            limit: limits.time_limit,
-            check_interval: NonZeroU32::new(64).unwrap_or(NonZeroU32::MIN),
-        });
+        regorus.set_execution_timer_config(timer(&limits));
         regorus.add_policy(DOCUMENT_NAME.to_owned(), rego.to_owned()).map_err(|e| EngineError::Parse(e.to_string()))?;
 
         let value = match regorus.eval_rule(DATA_RULE.to_owned()) {
@@ -252,14 +348,40 @@ impl Engine {
             Err(_) if !defines_policy_data(&mut regorus) => return Err(EngineError::NoPolicyData),
             Err(e) => return Err(EngineError::Eval(e.to_string())),
         };
+        if !defines_decision(&mut regorus) {
+            return Err(EngineError::NoDecision);
+        }
         let json = serde_json::to_value(&value).map_err(|e| EngineError::Data(e.to_string()))?;
+        let vetted = is_rules_and_data(rego, &json);
         let version = json.get("version").cloned().unwrap_or(serde_json::Value::Null);
-        if version != serde_json::Value::from(model::SCHEMA_VERSION) {
+        if version != model::SCHEMA_VERSION {
             return Err(EngineError::Version { found: version, expected: model::SCHEMA_VERSION });
         }
         let data: PolicyData = serde_json::from_value(json).map_err(|e| EngineError::Data(e.to_string()))?;
+        check_unique(&data)?;
+        let patterns = check_patterns(&data)?;
+        reserve_regex_cache(patterns);
         let policy_env = policy_env_values(&data);
-        Ok(Self { regorus, limits, policy_env, data })
+
+        let compiled = match compile {
+            Compile::IfRules if !vetted => None,
+            Compile::IfRules | Compile::Always => {
+                let policy = regorus
+                    .compile_with_entrypoint(&DECISION_RULE.into())
+                    .map_err(|e| EngineError::Compile(e.to_string()))?;
+                let program = Compiler::compile_from_policy(&policy, &[DECISION_RULE])
+                    .map_err(|e| EngineError::Compile(e.to_string()))?;
+                let vm = new_vm(&program, &limits);
+                Some(Compiled { program, vm })
+            }
+        };
+        Ok(Self { interpreter: regorus, compiled, limits, policy_env, data })
+    }
+
+    /// Whether decisions use the compiled form (the document is exactly
+    /// [`RULES`] and its data) rather than the interpreter.
+    pub fn is_compiled(&self) -> bool {
+        self.compiled.is_some()
     }
 
     /// Convenience for tests and tools: [`RULES`] with `data` rendered as a
@@ -290,7 +412,19 @@ impl Engine {
     /// Every string of every reason is scrubbed of the environment values
     /// of the request and of the policy, whatever the rules returned.
     pub fn decide(&mut self, request: &serde_json::Value) -> Decision {
-        let decision = self.decide_unscrubbed(request);
+        let evaluator = if self.compiled.is_some() { Evaluator::Compiled } else { Evaluator::Interpreter };
+        let decision = self.decide_unscrubbed(request, evaluator);
+        if decision.allowed {
+            return decision;
+        }
+        Scrubber::new(&self.policy_env, request).scrub(decision)
+    }
+
+    /// [`Engine::decide`] with regorus' interpreter instead of the compiled
+    /// program: several times slower, and the reference the compiled
+    /// decisions are tested against.
+    pub fn decide_reference(&mut self, request: &serde_json::Value) -> Decision {
+        let decision = self.decide_unscrubbed(request, Evaluator::Interpreter);
         if decision.allowed {
             return decision;
         }
@@ -340,7 +474,7 @@ impl Engine {
         ))
     }
 
-    fn decide_unscrubbed(&mut self, request: &serde_json::Value) -> Decision {
+    fn decide_unscrubbed(&mut self, request: &serde_json::Value, evaluator: Evaluator) -> Decision {
         match measure(request, self.limits.max_request_bytes, self.limits.max_request_depth) {
             Ok(_) => {}
             Err(Oversize::Bytes(size)) => return self.too_large(size),
@@ -358,13 +492,26 @@ impl Engine {
             Ok(input) => input,
             Err(e) => return engine_error("engine.input", format!("cannot convert the request for evaluation: {e}")),
         };
-        self.regorus.set_input(input);
-        let result = self.regorus.eval_rule(DECISION_RULE.to_owned());
-        // Do not keep the request alive in the engine between decisions.
-        self.regorus.set_input(regorus::Value::Null);
-        let mut decision = match result {
-            Ok(value) => interpret(&value),
-            Err(e) => evaluation_error(&e),
+        let mut decision = match (evaluator, self.compiled.as_mut()) {
+            (Evaluator::Compiled, Some(Compiled { vm, .. })) => {
+                vm.set_input(input);
+                let result = vm.execute_entry_point_by_name(DECISION_RULE);
+                // Do not keep the request alive between decisions.
+                vm.set_input(regorus::Value::Null);
+                match result {
+                    Ok(value) => interpret(&value),
+                    Err(e) => vm_error(&e),
+                }
+            }
+            _ => {
+                self.interpreter.set_input(input);
+                let result = self.interpreter.eval_rule(DECISION_RULE.to_owned());
+                self.interpreter.set_input(regorus::Value::Null);
+                match result {
+                    Ok(value) => interpret(&value),
+                    Err(e) => evaluation_error(&e),
+                }
+            }
         };
         if decision.allowed && Request::deserialize(request).is_err() {
             // Defense in depth: the rules check every field they use, but
@@ -378,9 +525,117 @@ impl Engine {
                 "the request does not have the shape of a host request (unknown or mistyped fields)".to_owned(),
             ));
         }
-        decision.reasons.sort_by(|a, b| (a.rule.as_str(), field_key(&a.field)).cmp(&(b.rule.as_str(), field_key(&b.field))));
+        decision
+            .reasons
+            .sort_by(|a, b| (a.rule.as_str(), field_key(&a.field)).cmp(&(b.rule.as_str(), field_key(&b.field))));
         decision
     }
+}
+
+/// The rules index containers by name and a container's mounts by
+/// destination; a duplicate would make every request for it fail to
+/// evaluate, so such data is refused at load with a clear error.
+fn check_unique(data: &PolicyData) -> Result<(), EngineError> {
+    let mut names = std::collections::BTreeSet::new();
+    for (i, c) in data.containers.iter().enumerate() {
+        if !names.insert(c.name.as_str()) {
+            return Err(EngineError::Data(format!("containers[{i}]: a second container named {:?}", c.name)));
+        }
+        let mut destinations = std::collections::BTreeSet::new();
+        for (j, m) in c.mounts.iter().enumerate() {
+            if !destinations.insert(m.destination.as_str()) {
+                return Err(EngineError::Data(format!(
+                    "containers[{i}].mounts[{j}]: a second mount at {:?}",
+                    m.destination
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+enum Compile {
+    /// Compile only a document of exactly [`RULES`] and its data.
+    IfRules,
+    /// Compile whatever the document is (tests of the compiled form).
+    #[cfg_attr(not(test), allow(dead_code))]
+    Always,
+}
+
+/// Whether `rego` is exactly [`RULES`] followed by `policy_data := <JSON>`
+/// with nothing after it, the JSON being the data regorus evaluated: only
+/// such a document has the rules the compiled form is tested against, and
+/// no extra rule body can have been added to them.
+fn is_rules_and_data(rego: &str, data: &serde_json::Value) -> bool {
+    let tail = rego
+        .strip_prefix(RULES.trim_end())
+        .and_then(|rest| rest.trim_start().strip_prefix("policy_data"))
+        .and_then(|rest| rest.trim_start().strip_prefix(":="));
+    // serde_json refuses anything but whitespace after the value.
+    tail.and_then(|json| serde_json::from_str::<serde_json::Value>(json).ok()).is_some_and(|json| &json == data)
+}
+
+#[derive(Clone, Copy)]
+enum Evaluator {
+    Compiled,
+    Interpreter,
+}
+
+/// Checks that every regular expression of the policy is valid on its own,
+/// and counts them. The rules anchor a pattern P as `\A(?:P)\z`; a P that
+/// does not parse alone (such as `a)|(b`) could close the group and leave
+/// an alternative unanchored, so such a document is refused.
+fn check_patterns(data: &PolicyData) -> Result<usize, EngineError> {
+    let mut patterns: Vec<(String, &str)> = Vec::new();
+    for (i, c) in data.containers.iter().enumerate() {
+        for (j, p) in c.env.patterns.iter().enumerate() {
+            patterns.push((format!("containers[{i}].env.patterns[{j}]"), p));
+        }
+        for (j, m) in c.mounts.iter().enumerate() {
+            if let model::SourceMatch::Pattern(p) = &m.source {
+                patterns.push((format!("containers[{i}].mounts[{j}].source.pattern"), p));
+            }
+        }
+    }
+    for (j, p) in data.sandbox.copy_file.iter().enumerate() {
+        patterns.push((format!("sandbox.copy_file[{j}]"), p));
+    }
+    for (field, pattern) in &patterns {
+        if let Err(e) = regex::Regex::new(pattern) {
+            // The error quotes the pattern, which may hold an environment
+            // value: keep only its kind.
+            let error = match e {
+                regex::Error::Syntax(_) => "not a valid regular expression".to_owned(),
+                regex::Error::CompiledTooBig(limit) => format!("larger than {limit} bytes compiled"),
+                _ => "not accepted by the regex engine".to_owned(),
+            };
+            return Err(EngineError::Pattern { field: field.clone(), error });
+        }
+    }
+    Ok(patterns.len())
+}
+
+fn vm_error(error: &VmError) -> Decision {
+    match error {
+        VmError::TimeLimitExceeded { elapsed, limit, .. } => engine_error(
+            "engine.time_limit",
+            format!("evaluation was stopped after {elapsed:?}, over the limit of {limit:?}"),
+        ),
+        VmError::InstructionLimitExceeded { limit, .. } => {
+            engine_error("engine.limit", format!("evaluation was stopped after {limit} instructions, the limit"))
+        }
+        other => {
+            let text: String = one_line(&other.to_string()).chars().take(MAX_ERROR_CHARS).collect();
+            engine_error("engine.error", format!("evaluation failed: {text}"))
+        }
+    }
+}
+
+/// Whether the document declares `decision` in package `capsa.policy`.
+fn defines_decision(regorus: &mut regorus::Engine) -> bool {
+    let package = regorus.get_packages().map(|p| p.iter().any(|p| p == "data.capsa.policy")).unwrap_or(false);
+    package && regorus.has_declared_rule_rooted_at(DOCUMENT_NAME, "decision").unwrap_or(false)
 }
 
 /// Whether the document declares `policy_data` (to tell "undefined" from
@@ -414,10 +669,9 @@ fn interpret(value: &regorus::Value) -> Decision {
     match raw.allowed {
         serde_json::Value::Bool(true) if raw.reasons.is_empty() => Decision::allow(),
         serde_json::Value::Bool(true) => Decision { allowed: false, reasons: raw.reasons },
-        serde_json::Value::Bool(false) if raw.reasons.is_empty() => engine_error(
-            "policy.denied",
-            "the policy denied the request without naming a rule".to_owned(),
-        ),
+        serde_json::Value::Bool(false) if raw.reasons.is_empty() => {
+            engine_error("policy.denied", "the policy denied the request without naming a rule".to_owned())
+        }
         serde_json::Value::Bool(false) => Decision { allowed: false, reasons: raw.reasons },
         other => {
             let mut reasons = raw.reasons;
@@ -455,11 +709,16 @@ where
         ),
         Some(other) => engine_error("engine.limit", format!("evaluation exceeded a limit: {other}")),
         None => {
-            let text = error.to_string();
+            let text = one_line(&error.to_string());
             let text: String = text.chars().take(MAX_ERROR_CHARS).collect();
             engine_error("engine.error", format!("evaluation failed: {text}"))
         }
     }
+}
+
+/// regorus' multi-line error text (with a source excerpt) as one line.
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 fn engine_error(rule: &str, message: String) -> Decision {
@@ -497,7 +756,13 @@ enum Oversize {
 /// The approximate JSON size of `value`, stopping as soon as it exceeds
 /// `max_bytes` or nests deeper than `max_depth`.
 fn measure(value: &serde_json::Value, max_bytes: usize, max_depth: usize) -> Result<usize, Oversize> {
-    fn walk(value: &serde_json::Value, depth: usize, max_depth: usize, total: &mut usize, max: usize) -> Result<(), Oversize> {
+    fn walk(
+        value: &serde_json::Value,
+        depth: usize,
+        max_depth: usize,
+        total: &mut usize,
+        max: usize,
+    ) -> Result<(), Oversize> {
         if depth > max_depth {
             return Err(Oversize::Depth);
         }
@@ -682,88 +947,130 @@ mod tests {
         format!("package capsa.policy\n\nimport rego.v1\n\n{decision}\n\npolicy_data := {json}\n")
     }
 
+    /// The document evaluated by the interpreter (as `from_document` does
+    /// for rules other than [`RULES`]) and compiled (forced).
+    fn both(document: &str) -> [Engine; 2] {
+        both_with(document, Limits::default())
+    }
+
+    fn both_with(document: &str, limits: Limits) -> [Engine; 2] {
+        let interpreted = Engine::from_document_with_limits(document, limits).unwrap();
+        assert!(!interpreted.is_compiled());
+        let compiled = Engine::load(document, limits, Compile::Always).unwrap();
+        assert!(compiled.is_compiled());
+        [interpreted, compiled]
+    }
+
+    fn shutdown() -> serde_json::Value {
+        serde_json::json!({"op": "shutdown"})
+    }
+
     #[test]
     fn runtime_error_denies() {
-        // A rule conflict (two values for one complete rule) is an
-        // evaluation error in Rego.
-        let mut engine = Engine::from_document(&doc_with(
+        // A rule conflict (two values for one complete rule) and a division
+        // by zero: evaluation errors for the interpreter, undefined for the
+        // compiled form. Either way: deny.
+        for rule in [
             "x := 1 if input.op\nx := 2 if input.op\ndecision := {\"allowed\": x == 1, \"reasons\": []}",
-        ))
-        .unwrap();
-        let d = engine.decide(&serde_json::json!({"op": "shutdown"}));
-        assert!(!d.allowed);
-        assert_eq!(d.reasons[0].rule, "engine.error", "{d}");
+            "decision := {\"allowed\": 1 / input.zero == 1, \"reasons\": []}",
+        ] {
+            let request = serde_json::json!({"op": "shutdown", "zero": 0});
+            for mut engine in both(&doc_with(rule)) {
+                let d = engine.decide(&request);
+                assert!(!d.allowed);
+                assert!(d.reasons[0].rule.starts_with("engine."), "{d}");
+            }
+        }
     }
 
     #[test]
     fn undefined_decision_denies() {
-        let mut engine =
-            Engine::from_document(&doc_with("decision := {\"allowed\": true, \"reasons\": []} if input.op == \"x\"")).unwrap();
-        let d = engine.decide(&serde_json::json!({"op": "shutdown"}));
-        assert!(!d.allowed);
-        assert_eq!(d.reasons[0].rule, "engine.undefined");
-        // Defined for "x", where only the engine's own shape check denies:
-        // the deny above was the undefined result, not a broken document.
-        let d = engine.decide(&serde_json::json!({"op": "x"}));
-        assert_eq!(d.reasons[0].rule, "request.shape");
+        for mut engine in both(&doc_with("decision := {\"allowed\": true, \"reasons\": []} if input.op == \"x\"")) {
+            let d = engine.decide(&shutdown());
+            assert!(!d.allowed);
+            assert_eq!(d.reasons[0].rule, "engine.undefined");
+            // Defined for "x", where only the engine's own shape check
+            // denies: the deny above was the undefined result.
+            let d = engine.decide(&serde_json::json!({"op": "x"}));
+            assert_eq!(d.reasons[0].rule, "request.shape");
+        }
     }
 
     #[test]
-    fn missing_decision_rule_denies() {
-        let mut engine = Engine::from_document(&doc_with("other := true")).unwrap();
-        let d = engine.decide(&serde_json::json!({"op": "shutdown"}));
-        assert!(!d.allowed);
-        assert_eq!(d.reasons[0].rule, "engine.error", "{d}");
+    fn a_document_without_decision_is_refused() {
+        assert!(matches!(Engine::from_document(&doc_with("other := true")), Err(EngineError::NoDecision)));
     }
 
     #[test]
     fn non_boolean_allowed_denies() {
-        let mut engine = Engine::from_document(&doc_with("decision := {\"allowed\": \"true\", \"reasons\": []}")).unwrap();
-        let d = engine.decide(&serde_json::json!({"op": "shutdown"}));
-        assert!(!d.allowed);
-        assert_eq!(d.reasons[0].rule, "engine.malformed");
-        let mut engine = Engine::from_document(&doc_with("decision := true")).unwrap();
-        let d = engine.decide(&serde_json::json!({"op": "shutdown"}));
-        assert!(!d.allowed);
-        assert_eq!(d.reasons[0].rule, "engine.malformed");
+        for rule in ["decision := {\"allowed\": \"true\", \"reasons\": []}", "decision := true"] {
+            for mut engine in both(&doc_with(rule)) {
+                let d = engine.decide(&shutdown());
+                assert!(!d.allowed);
+                assert_eq!(d.reasons[0].rule, "engine.malformed");
+            }
+        }
     }
 
     #[test]
     fn allowed_with_reasons_or_denied_without_denies() {
-        let mut engine = Engine::from_document(&doc_with(
-            "decision := {\"allowed\": true, \"reasons\": [{\"rule\": \"r\", \"field\": \"\", \"allowed\": null, \"requested\": null, \"message\": \"m\"}]}",
-        ))
-        .unwrap();
-        assert!(!engine.decide(&serde_json::json!({"op": "shutdown"})).allowed);
-        let mut engine = Engine::from_document(&doc_with("decision := {\"allowed\": false, \"reasons\": []}")).unwrap();
-        let d = engine.decide(&serde_json::json!({"op": "shutdown"}));
-        assert!(!d.allowed);
-        assert_eq!(d.reasons[0].rule, "policy.denied");
+        let reason = "{\"rule\": \"r\", \"field\": \"\", \"allowed\": null, \"requested\": null, \"message\": \"m\"}";
+        for mut engine in both(&doc_with(&format!("decision := {{\"allowed\": true, \"reasons\": [{reason}]}}"))) {
+            assert!(!engine.decide(&shutdown()).allowed);
+        }
+        for mut engine in both(&doc_with("decision := {\"allowed\": false, \"reasons\": []}")) {
+            let d = engine.decide(&shutdown());
+            assert!(!d.allowed);
+            assert_eq!(d.reasons[0].rule, "policy.denied");
+        }
     }
 
     #[test]
     fn a_permissive_document_still_cannot_pass_a_malformed_request() {
-        let mut engine = Engine::from_document(&doc_with("decision := {\"allowed\": true, \"reasons\": []}")).unwrap();
-        assert!(engine.decide(&serde_json::json!({"op": "shutdown"})).allowed);
-        let d = engine.decide(&serde_json::json!({"op": "signal_process", "container": "app", "signal": "9"}));
-        assert!(!d.allowed);
-        assert_eq!(d.reasons[0].rule, "request.shape");
+        for mut engine in both(&doc_with("decision := {\"allowed\": true, \"reasons\": []}")) {
+            assert!(engine.decide(&shutdown()).allowed);
+            let d = engine.decide(&serde_json::json!({"op": "signal_process", "container": "app", "signal": "9"}));
+            assert!(!d.allowed);
+            assert_eq!(d.reasons[0].rule, "request.shape");
+        }
     }
 
     #[test]
     fn time_limit_denies() {
         let limits = Limits { time_limit: Duration::from_millis(5), ..Limits::default() };
-        let mut engine = Engine::from_document_with_limits(
-            &doc_with(
-                "n := count([1 | some i in numbers.range(0, 3000); some j in numbers.range(0, 3000)])\n\
-                 decision := {\"allowed\": n > 0, \"reasons\": []}",
-            ),
-            limits,
-        )
-        .unwrap();
-        let d = engine.decide(&serde_json::json!({"op": "shutdown"}));
-        assert!(!d.allowed);
-        assert_eq!(d.reasons[0].rule, "engine.time_limit", "{d}");
+        let document = doc_with(
+            "n := count([1 | some i in numbers.range(0, 3000); some j in numbers.range(0, 3000)])\n\
+             decision := {\"allowed\": n > 0, \"reasons\": []}",
+        );
+        for mut engine in both_with(&document, limits) {
+            let d = engine.decide(&shutdown());
+            assert!(!d.allowed);
+            assert_eq!(d.reasons[0].rule, "engine.time_limit", "{d}");
+        }
+        // The instruction limit bounds the compiled form independently of
+        // the machine's speed.
+        let limits = Limits { max_instructions: 10_000, ..Limits::default() };
+        let [_, mut compiled] = both_with(&document, limits);
+        let d = compiled.decide(&shutdown());
+        assert_eq!(d.reasons[0].rule, "engine.limit", "{d}");
+    }
+
+    #[test]
+    fn only_the_rules_of_this_version_are_compiled() {
+        let mut engine = Engine::from_data(&data()).unwrap();
+        assert!(engine.is_compiled());
+        assert!(!engine.decide(&serde_json::json!({"op": "update_policy"})).allowed);
+        let document = crate::document::PolicyDocument::render(&data()).unwrap().rego().to_owned();
+        // An extra rule body after the data is evaluated, as measured, by
+        // the interpreter: here it allows everything.
+        let mut extended = Engine::from_document(&format!("{document}\nop_ok if true\n")).unwrap();
+        assert!(!extended.is_compiled());
+        assert!(extended.decide(&serde_json::json!({"op": "update_policy"})).allowed);
+        // Rules differing from RULES only in a comment: interpreted too.
+        let edited = document.replacen("# capsa execution-policy rules", "# edited rules", 1);
+        let mut edited = Engine::from_document(&edited).unwrap();
+        assert!(!edited.is_compiled());
+        assert!(!edited.decide(&serde_json::json!({"op": "update_policy"})).allowed);
     }
 
     #[test]
@@ -792,28 +1099,81 @@ mod tests {
         assert!(matches!(Engine::from_document(&doc), Err(EngineError::Version { .. })));
         let doc = format!("{RULES}\npolicy_data := {{\"version\": 1}}\n");
         assert!(matches!(Engine::from_document(&doc), Err(EngineError::Data(_))));
+        let mut twice = data();
+        twice.containers.push(container());
+        assert!(matches!(Engine::from_data(&twice), Err(EngineError::Data(_))));
+        let mut bad = data();
+        bad.containers[0].env.patterns.push("A=x)|(.*".into());
+        assert!(matches!(Engine::from_data(&bad), Err(EngineError::Pattern { .. })));
         assert!(matches!(Engine::from_document("package"), Err(EngineError::Parse(_))));
-        let doc = format!(
-            "package other\npolicy_data := {}\n",
-            serde_json::to_string(&data()).unwrap()
-        );
+        let doc = format!("package other\npolicy_data := {}\n", serde_json::to_string(&data()).unwrap());
         assert!(matches!(Engine::from_document(&doc), Err(EngineError::NoPolicyData)));
     }
 
     #[test]
     fn the_scrubber_catches_what_a_careless_rule_would_leak() {
         // A document whose rules echo the request's env verbatim.
-        let mut engine = Engine::from_document(&doc_with(
+        let mut engines = both(&doc_with(
             "decision := {\"allowed\": false, \"reasons\": [{\"rule\": \"leaky\", \"field\": \"\", \
              \"allowed\": data.capsa.policy.policy_data.containers[0].env.exact, \"requested\": input.env, \
              \"message\": sprintf(\"%v %v\", [input.env, data.capsa.policy.policy_data.containers[0].env])}]}",
-        ))
-        .unwrap();
-        let d = engine.decide(&serde_json::json!({"op": "x", "env": ["A=xyz", "B=MARKER-request-secret"]}));
-        let text = serde_json::to_string(&d).unwrap() + &d.to_string();
-        assert!(!text.contains("MARKER"), "{text}");
-        assert!(!text.contains("xyz"), "{text}");
-        assert!(text.contains("A=<redacted>"), "{text}");
+        ));
+        for engine in &mut engines {
+            let d = engine.decide(&serde_json::json!({"op": "x", "env": ["A=xyz", "B=MARKER-request-secret"]}));
+            let text = serde_json::to_string(&d).unwrap() + &d.to_string();
+            assert!(!text.contains("MARKER"), "{text}");
+            assert!(!text.contains("xyz"), "{text}");
+            assert!(text.contains("A=<redacted>"), "{text}");
+        }
+    }
+
+    /// The rules redact on their own: even without the engine's scrubber,
+    /// no environment value of the request or the policy reaches a reason.
+    #[test]
+    fn the_rules_redact_without_the_scrubber() {
+        let mut policy = data();
+        policy.containers[0].env.patterns.push("SESSION=MARKER-[0-9]+".into());
+        policy.containers[0].env.required.push("TOKEN".into());
+        let mut engine = Engine::from_data(&policy).unwrap();
+        let base = serde_json::json!({
+            "op": "create_container", "container": "app", "image": "sha256:aa",
+            "layers": ["sha256:01", "sha256:02"], "args": ["/bin/app"],
+            "env": ["PATH=/usr/bin", "TOKEN=MARKER-secret-value", "LEVEL=info", "SESSION=MARKER-42"],
+            "working_dir": "/", "user": {"uid": 0, "gid": 0, "groups": []}, "capabilities": [],
+            "privileged": false, "no_new_privileges": true, "mounts": [], "read_only_rootfs": false,
+        });
+        assert!(engine.decide(&base).allowed, "{}", engine.decide(&base));
+        let envs = [
+            serde_json::json!(["PATH=/usr/bin", "TOKEN=MARKER-secret-value", "EXTRA=MARKER-extra"]),
+            serde_json::json!(["PATH=/usr/bin", "TOKEN=MARKER-other-value"]),
+            serde_json::json!(["TOKEN=MARKER-secret-value", "LEVEL=debug\nMARKER=1"]),
+            serde_json::json!(["TOKEN=MARKER-secret-value", "SESSION=MARKER-abc"]),
+            serde_json::json!(["PATH=/usr/bin"]),
+            serde_json::json!("TOKEN=MARKER-secret-value"),
+            serde_json::json!(["TOKEN=MARKER-secret-value", 7, {"MARKER": "MARKER"}]),
+        ];
+        for env in envs {
+            let mut request = base.clone();
+            request["env"] = env.clone();
+            for evaluator in [Evaluator::Compiled, Evaluator::Interpreter] {
+                let d = engine.decide_unscrubbed(&request, evaluator);
+                assert!(!d.allowed, "{env}");
+                assert!(d.reasons.iter().any(|r| r.rule.starts_with("create_container.env")), "{env}: {d}");
+                let text = serde_json::to_string(&d).unwrap() + &d.to_string();
+                assert!(!text.contains("MARKER"), "{env}: {text}");
+            }
+        }
+    }
+
+    #[test]
+    fn engines_can_move_between_threads() {
+        fn send<T: Send>() {}
+        send::<Engine>();
+        let engine = Engine::from_data(&data()).unwrap();
+        let mut copy = engine.clone();
+        std::thread::spawn(move || assert!(copy.decide(&serde_json::json!({"op": "shutdown"})).allowed))
+            .join()
+            .unwrap();
     }
 
     #[test]
@@ -822,7 +1182,7 @@ mod tests {
         let d = engine.decide(&serde_json::json!({"op": "write_stdin", "container": "app"}));
         let text = d.to_string();
         assert!(text.starts_with("denied (1 reason)"), "{text}");
-        assert!(text.contains("[write_stdin.permission] write_stdin:"), "{text}");
+        assert!(text.contains("  write_stdin.permission: the policy does not allow write_stdin"), "{text}");
         assert_eq!(Decision::allow().to_string(), "allowed\n");
     }
 }

@@ -415,4 +415,3 @@ impl Drop for Registry {
         self.stop();
     }
 }
-

@@ -56,10 +56,11 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    eprintln!("building a {LAYERS}-layer image of {} MB ...", LAYERS * LAYER_BYTES >> 20);
+    eprintln!("building a {LAYERS}-layer image of {} MB ...", (LAYERS * LAYER_BYTES) >> 20);
     let layers: Vec<_> = (0..LAYERS)
         .map(|i| {
-            let tar = TarBuilder::new().file(&format!("data/blob{i}"), 0o644, &noise(i as u64 + 1, LAYER_BYTES)).finish();
+            let tar =
+                TarBuilder::new().file(&format!("data/blob{i}"), 0o644, &noise(i as u64 + 1, LAYER_BYTES)).finish();
             layer(tar, Comp::Gzip)
         })
         .collect();
@@ -112,11 +113,22 @@ fn main() {
             }
         }));
         let _ = std::fs::remove_dir_all(&dir);
-        eprintln!("round {round}: cold {:?}, warm {:?}, peer {:?}", cold.last().unwrap(), warm.last().unwrap(), peer.last().unwrap());
+        eprintln!(
+            "round {round}: cold {:?}, warm {:?}, peer {:?}",
+            cold.last().unwrap(),
+            warm.last().unwrap(),
+            peer.last().unwrap()
+        );
     }
     let (cold, warm, peer) = (median(cold), median(warm), median(peer));
     let mut out = std::io::stdout();
-    writeln!(out, "image: {LAYERS} layers, {} MB compressed, {} MB uncompressed", total >> 20, (LAYERS * LAYER_BYTES) >> 20).unwrap();
+    writeln!(
+        out,
+        "image: {LAYERS} layers, {} MB compressed, {} MB uncompressed",
+        total >> 20,
+        (LAYERS * LAYER_BYTES) >> 20
+    )
+    .unwrap();
     writeln!(out, "capsa policy gen, cold cache : median {:.2} s", cold.as_secs_f64()).unwrap();
     writeln!(out, "capsa policy gen, warm cache : median {:.3} s", warm.as_secs_f64()).unwrap();
     writeln!(out, "skopeo copy + gzip -dc | sha256sum : median {:.2} s", peer.as_secs_f64()).unwrap();

@@ -160,7 +160,8 @@ fn gen_policy(args: GenArgs) -> anyhow::Result<()> {
         (_, _, Some(tar)) => ImageSource::DockerArchive(tar),
         _ => ImageSource::Registry,
     };
-    let platform: Platform = args.platform.parse().map_err(|e: capsa_oci::image::ImageError| UsageError(e.to_string()))?;
+    let platform: Platform =
+        args.platform.parse().map_err(|e: capsa_oci::image::ImageError| UsageError(e.to_string()))?;
     let options = ResolveOptions {
         platform,
         insecure_registries: args.insecure_registry,
@@ -208,8 +209,7 @@ fn gen_policy(args: GenArgs) -> anyhow::Result<()> {
 }
 
 fn load_document(path: &std::path::Path) -> anyhow::Result<PolicyDocument> {
-    PolicyDocument::from_text(&text(path)?)
-        .map_err(|e| UsageError(format!("{}: {e}", path.display())).into())
+    PolicyDocument::from_text(&text(path)?).map_err(|e| UsageError(format!("{}: {e}", path.display())).into())
 }
 
 fn check(args: CheckArgs) -> anyhow::Result<()> {

@@ -457,7 +457,17 @@ fn verity_root_hash_equals_veritysetup() {
     for salt in [None, Some("00112233445566778899aabbccddeeff")] {
         let hash_file = dir.path("hash.img");
         let mut veritysetup = Command::new("veritysetup");
-        veritysetup.args(["format", "--hash", "sha256", "--data-block-size", "4096", "--hash-block-size", "4096", "--format", "1"]);
+        veritysetup.args([
+            "format",
+            "--hash",
+            "sha256",
+            "--data-block-size",
+            "4096",
+            "--hash-block-size",
+            "4096",
+            "--format",
+            "1",
+        ]);
         veritysetup.args(["--salt", salt.unwrap_or("-"), &data, &hash_file]);
         let out = veritysetup.output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

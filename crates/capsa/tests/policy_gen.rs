@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use capsa_testkit::{Comp, Image, Registry, TempDir, TarBuilder, build_image_with, layer, skopeo, write_layout};
+use capsa_testkit::{Comp, Image, Registry, TarBuilder, TempDir, build_image_with, layer, skopeo, write_layout};
 use serde_json::json;
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/policy");
@@ -30,14 +30,20 @@ fn images() -> Images {
         vec![
             layer(capsa_testkit::busybox_rootfs(), Comp::Gzip),
             layer(capsa_testkit::whiteout_layer(), Comp::Gzip),
-            layer(TarBuilder::new().dir("srv/").file("srv/index.html", 0o644, b"<h1>capsa</h1>\n").finish(), Comp::Gzip),
+            layer(
+                TarBuilder::new().dir("srv/").file("srv/index.html", 0o644, b"<h1>capsa</h1>\n").finish(),
+                Comp::Gzip,
+            ),
         ],
         "amd64",
         None,
         json!({"Cmd": ["/bin/sh"], "Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"], "WorkingDir": "", "User": ""}),
     );
     let tools = build_image_with(
-        vec![layer(capsa_testkit::busybox_rootfs(), Comp::Gzip), layer(capsa_testkit::text_layer("tools.txt", "tools\n"), Comp::Zstd)],
+        vec![
+            layer(capsa_testkit::busybox_rootfs(), Comp::Gzip),
+            layer(capsa_testkit::text_layer("tools.txt", "tools\n"), Comp::Zstd),
+        ],
         "amd64",
         None,
         json!({"Entrypoint": ["/bin/sh", "-c"], "Cmd": ["sleep 3600"], "Env": ["PATH=/bin", "TOOLS=1"], "WorkingDir": "/", "User": "0:0"}),
@@ -146,7 +152,9 @@ fn policies_from_every_input_kind_match_their_golden_files() {
     let capsa = Capsa::new();
     let work = TempDir::new("policy-inputs");
 
-    for (input, golden_name) in [("pod.yaml", "pod.rego"), ("group.json", "group.rego"), ("compose.yaml", "compose.rego")] {
+    for (input, golden_name) in
+        [("pod.yaml", "pod.rego"), ("group.json", "group.rego"), ("compose.yaml", "compose.rego")]
+    {
         let path = fixture(input, &registry.addr, &work);
         let path = path.to_str().unwrap();
         let first = capsa.run(&["policy", "gen", path, "--print"]);
@@ -167,7 +175,10 @@ fn policies_from_every_input_kind_match_their_golden_files() {
     let o = capsa.run(&["policy", "gen", pod.to_str().unwrap(), "--out", annotated_path.to_str().unwrap()]);
     ok(&o);
     let printed = host_data(&o.stderr);
-    assert_eq!(printed.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["Pod/web", "Deployment/api", "CronJob/nightly"]);
+    assert_eq!(
+        printed.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        ["Pod/web", "Deployment/api", "CronJob/nightly"]
+    );
     let annotated = std::fs::read_to_string(&annotated_path).unwrap();
     let found: Vec<String> = annotated
         .lines()
@@ -246,7 +257,11 @@ fn unsupported_fields_are_named_unless_allowed() {
     assert!(err.contains("--allow-unsupported"), "{err}");
     ok(&capsa.run(&["policy", "gen", pod.to_str().unwrap(), "--oci-layout", &layout, "--allow-unsupported"]));
 
-    std::fs::write(&pod, "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  hostNetwork: true\n  containers: []\n").unwrap();
+    std::fs::write(
+        &pod,
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  hostNetwork: true\n  containers: []\n",
+    )
+    .unwrap();
     let o = capsa.run(&["policy", "gen", pod.to_str().unwrap(), "--oci-layout", &layout]);
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o.stderr).contains("hostNetwork"), "{}", text(&o.stderr));
@@ -273,7 +288,14 @@ fn generated_policies_decide_requests_and_diff() {
     let policy_b = work.join("b.toml");
     for (pod, out) in [(write_pod("a.yaml", "blue"), &policy_a), (write_pod("b.yaml", "green"), &policy_b)] {
         ok(&capsa.run(&[
-            "policy", "gen", pod.to_str().unwrap(), "--oci-layout", &layout, "--initdata", out.to_str().unwrap(), "--out",
+            "policy",
+            "gen",
+            pod.to_str().unwrap(),
+            "--oci-layout",
+            &layout,
+            "--initdata",
+            out.to_str().unwrap(),
+            "--out",
             work.join("ignored.yaml").to_str().unwrap(),
         ]));
     }

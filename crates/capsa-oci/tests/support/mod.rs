@@ -3,8 +3,8 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-pub use capsa_testkit::*;
 use capsa_oci::image::{ResolveOptions, ResolvedImage};
+pub use capsa_testkit::*;
 
 /// Options for tests: a private cache, no user docker config, no progress.
 pub fn options(cache: &TempDir) -> ResolveOptions {

@@ -15,13 +15,30 @@ use super::{FieldCheck, GenerateError, Generated, GeneratedWorkload, ImageResolv
 
 const GROUP_TYPE: &str = "Microsoft.ContainerInstance/containerGroups";
 const GROUP_PROPERTY_KEYS: &[&str] = &[
-    "containers", "initContainers", "volumes", "osType", "restartPolicy", "ipAddress", "sku",
-    "confidentialComputeProperties", "imageRegistryCredentials", "subnetIds", "diagnostics", "dnsConfig",
+    "containers",
+    "initContainers",
+    "volumes",
+    "osType",
+    "restartPolicy",
+    "ipAddress",
+    "sku",
+    "confidentialComputeProperties",
+    "imageRegistryCredentials",
+    "subnetIds",
+    "diagnostics",
+    "dnsConfig",
     "priority",
 ];
 const CONTAINER_PROPERTY_KEYS: &[&str] = &[
-    "image", "command", "environmentVariables", "volumeMounts", "securityContext", "resources", "ports",
-    "livenessProbe", "readinessProbe",
+    "image",
+    "command",
+    "environmentVariables",
+    "volumeMounts",
+    "securityContext",
+    "resources",
+    "ports",
+    "livenessProbe",
+    "readinessProbe",
 ];
 const SECURITY_KEYS: &[&str] =
     &["privileged", "allowPrivilegeEscalation", "runAsUser", "runAsGroup", "capabilities", "seccompProfile"];
@@ -34,13 +51,16 @@ pub fn generate(
     settings: &Settings,
     options: &Options,
 ) -> Result<Generated, GenerateError> {
-    let mut template: Value =
-        serde_json::from_str(text).map_err(|e| GenerateError::Parse { origin: origin.to_owned(), reason: e.to_string() })?;
+    let mut template: Value = serde_json::from_str(text)
+        .map_err(|e| GenerateError::Parse { origin: origin.to_owned(), reason: e.to_string() })?;
     // Expressions read the template as written while the copy is annotated.
     let original = template.clone();
     let scope = Scope::new(&original);
     let mut workloads = Vec::new();
-    let resources = template.get_mut("resources").and_then(Value::as_array_mut).ok_or_else(|| GenerateError::NoWorkload(origin.to_owned()))?;
+    let resources = template
+        .get_mut("resources")
+        .and_then(Value::as_array_mut)
+        .ok_or_else(|| GenerateError::NoWorkload(origin.to_owned()))?;
     for (i, resource) in resources.iter_mut().enumerate() {
         if resource.get("type").and_then(Value::as_str) != Some(GROUP_TYPE) {
             continue;
@@ -70,7 +90,13 @@ pub fn generate(
     Ok(Generated { workloads, annotated })
 }
 
-fn group(path: &str, name: &str, props: &Value, scope: &Scope<'_>, options: &Options) -> Result<Workload, GenerateError> {
+fn group(
+    path: &str,
+    name: &str,
+    props: &Value,
+    scope: &Scope<'_>,
+    options: &Options,
+) -> Result<Workload, GenerateError> {
     let mut check = FieldCheck::new();
     check.keys(props, path, GROUP_PROPERTY_KEYS);
     let mut volumes = std::collections::HashMap::new();
@@ -105,18 +131,18 @@ fn container(
 ) -> Result<ContainerSpec, GenerateError> {
     let field = |v: &Value, at: &str| -> Result<Value, GenerateError> { scope.eval_value(v, at) };
     let name = c.get("name").map(|v| field(v, &format!("{path}.name"))).transpose()?;
-    let name = name.as_ref().and_then(Value::as_str).ok_or_else(|| GenerateError::Invalid {
-        path: format!("{path}.name"),
-        reason: "missing".into(),
-    })?;
+    let name = name
+        .as_ref()
+        .and_then(Value::as_str)
+        .ok_or_else(|| GenerateError::Invalid { path: format!("{path}.name"), reason: "missing".into() })?;
     let props = c.get("properties").cloned().unwrap_or(Value::Null);
     let ppath = format!("{path}.properties");
     check.keys(&props, &ppath, CONTAINER_PROPERTY_KEYS);
     let props = field(&props, &ppath)?;
-    let image = props.get("image").and_then(Value::as_str).ok_or_else(|| GenerateError::Invalid {
-        path: format!("{ppath}.image"),
-        reason: "missing".into(),
-    })?;
+    let image = props
+        .get("image")
+        .and_then(Value::as_str)
+        .ok_or_else(|| GenerateError::Invalid { path: format!("{ppath}.image"), reason: "missing".into() })?;
     let mut env = Vec::new();
     if let Some(list) = props.get("environmentVariables").and_then(Value::as_array) {
         for (i, e) in list.iter().enumerate() {
@@ -155,10 +181,17 @@ fn container(
     let security = props.get("securityContext").cloned().unwrap_or(Value::Null);
     check.keys(&security, &format!("{ppath}.securityContext"), SECURITY_KEYS);
     let uint = |key: &str| security.get(key).and_then(Value::as_u64).and_then(|n| u32::try_from(n).ok());
-    let caps = |key: &str| string_list(security.pointer(&format!("/capabilities/{key}")), &format!("{ppath}.securityContext.capabilities.{key}"));
+    let caps = |key: &str| {
+        string_list(
+            security.pointer(&format!("/capabilities/{key}")),
+            &format!("{ppath}.securityContext.capabilities.{key}"),
+        )
+    };
     let mut exec = Vec::new();
     for probe in ["livenessProbe", "readinessProbe"] {
-        if let Some(cmd) = string_list(props.pointer(&format!("/{probe}/exec/command")), &format!("{ppath}.{probe}.exec.command"))? {
+        if let Some(cmd) =
+            string_list(props.pointer(&format!("/{probe}/exec/command")), &format!("{ppath}.{probe}.exec.command"))?
+        {
             exec.push(cmd);
         }
     }
@@ -200,7 +233,11 @@ impl<'a> Scope<'a> {
         Ok(match v {
             Value::String(s) => self.eval_string(s, path)?,
             Value::Array(items) => Value::Array(
-                items.iter().enumerate().map(|(i, x)| self.eval_value(x, &format!("{path}[{i}]"))).collect::<Result<_, _>>()?,
+                items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, x)| self.eval_value(x, &format!("{path}[{i}]")))
+                    .collect::<Result<_, _>>()?,
             ),
             Value::Object(map) => Value::Object(
                 map.iter()
@@ -270,7 +307,9 @@ impl ExprParser<'_, '_> {
     fn error(&self, reason: &str) -> GenerateError {
         GenerateError::Invalid {
             path: self.path.to_owned(),
-            reason: format!("template expression: {reason} (capsa evaluates parameters, variables, concat, format and string literals)"),
+            reason: format!(
+                "template expression: {reason} (capsa evaluates parameters, variables, concat, format and string literals)"
+            ),
         }
     }
 
@@ -311,7 +350,8 @@ impl ExprParser<'_, '_> {
                 while self.peek().is_some_and(|c| c.is_ascii_alphanumeric()) {
                     self.pos += 1;
                 }
-                let name = String::from_utf8_lossy(self.src.get(start..self.pos).unwrap_or_default()).to_ascii_lowercase();
+                let name =
+                    String::from_utf8_lossy(self.src.get(start..self.pos).unwrap_or_default()).to_ascii_lowercase();
                 self.expect(b'(')?;
                 let mut args = Vec::new();
                 self.skip_ws();
@@ -397,8 +437,8 @@ mod tests {
             "variables": {"repo": "[concat('example.com/', 'app')]"}
         });
         // Expressions read the template as written while the copy is annotated.
-    let original = template.clone();
-    let scope = Scope::new(&original);
+        let original = template.clone();
+        let scope = Scope::new(&original);
         let eval = |s: &str| scope.eval_string(s, "x");
         assert_eq!(eval("[concat(variables('repo'), ':', parameters('tag'))]").unwrap(), "example.com/app:1.0");
         assert_eq!(eval("[format('{0}-{1}', 'a', 2)]").unwrap(), "a-2");

@@ -17,14 +17,47 @@ use crate::model::{
 
 /// Every capability, for privileged containers.
 const ALL_CAPABILITIES: &[&str] = &[
-    "CAP_AUDIT_CONTROL", "CAP_AUDIT_READ", "CAP_AUDIT_WRITE", "CAP_BLOCK_SUSPEND", "CAP_BPF",
-    "CAP_CHECKPOINT_RESTORE", "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER",
-    "CAP_FSETID", "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_KILL", "CAP_LEASE", "CAP_LINUX_IMMUTABLE",
-    "CAP_MAC_ADMIN", "CAP_MAC_OVERRIDE", "CAP_MKNOD", "CAP_NET_ADMIN", "CAP_NET_BIND_SERVICE",
-    "CAP_NET_BROADCAST", "CAP_NET_RAW", "CAP_PERFMON", "CAP_SETFCAP", "CAP_SETGID", "CAP_SETPCAP",
-    "CAP_SETUID", "CAP_SYSLOG", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_CHROOT", "CAP_SYS_MODULE",
-    "CAP_SYS_NICE", "CAP_SYS_PACCT", "CAP_SYS_PTRACE", "CAP_SYS_RAWIO", "CAP_SYS_RESOURCE",
-    "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_WAKE_ALARM",
+    "CAP_AUDIT_CONTROL",
+    "CAP_AUDIT_READ",
+    "CAP_AUDIT_WRITE",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_KILL",
+    "CAP_LEASE",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_MAC_ADMIN",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MKNOD",
+    "CAP_NET_ADMIN",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_RAW",
+    "CAP_PERFMON",
+    "CAP_SETFCAP",
+    "CAP_SETGID",
+    "CAP_SETPCAP",
+    "CAP_SETUID",
+    "CAP_SYSLOG",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_NICE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_WAKE_ALARM",
 ];
 
 /// Where the runtime keeps a sandbox's volumes: per-sandbox, so a pattern.
@@ -186,8 +219,11 @@ fn capabilities(defaults: &[String], add: &[String], drop: &[String]) -> Vec<Str
         if upper.starts_with("CAP_") || upper == "ALL" { upper } else { format!("CAP_{upper}") }
     };
     let drop: BTreeSet<String> = drop.iter().map(norm).collect();
-    let mut caps: BTreeSet<String> =
-        if drop.contains("ALL") { BTreeSet::new() } else { defaults.iter().map(norm).filter(|c| !drop.contains(c)).collect() };
+    let mut caps: BTreeSet<String> = if drop.contains("ALL") {
+        BTreeSet::new()
+    } else {
+        defaults.iter().map(norm).filter(|c| !drop.contains(c)).collect()
+    };
     for c in add.iter().map(norm) {
         if c == "CAP_ALL" || c == "ALL" {
             caps.extend(ALL_CAPABILITIES.iter().map(|c| (*c).to_owned()));
@@ -211,7 +247,10 @@ mod tests {
     fn capabilities_follow_add_and_drop() {
         let defaults = vec!["CAP_CHOWN".to_owned(), "CAP_KILL".to_owned()];
         assert_eq!(capabilities(&defaults, &[], &[]), defaults);
-        assert_eq!(capabilities(&defaults, &["NET_ADMIN".into()], &["kill".into()]), vec!["CAP_CHOWN", "CAP_NET_ADMIN"]);
+        assert_eq!(
+            capabilities(&defaults, &["NET_ADMIN".into()], &["kill".into()]),
+            vec!["CAP_CHOWN", "CAP_NET_ADMIN"]
+        );
         assert_eq!(capabilities(&defaults, &["SYS_TIME".into()], &["ALL".into()]), vec!["CAP_SYS_TIME"]);
     }
 

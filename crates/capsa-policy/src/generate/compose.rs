@@ -12,10 +12,39 @@ use super::{FieldCheck, GenerateError, Generated, GeneratedWorkload, ImageResolv
 
 const TOP_KEYS: &[&str] = &["services", "name", "version", "volumes", "networks", "x-capsa"];
 const SERVICE_KEYS: &[&str] = &[
-    "image", "command", "entrypoint", "environment", "working_dir", "user", "privileged", "cap_add", "cap_drop",
-    "read_only", "volumes", "tmpfs", "sysctls", "security_opt", "stdin_open", "tty", "healthcheck", "ports",
-    "expose", "depends_on", "restart", "networks", "container_name", "deploy", "labels", "logging", "hostname",
-    "mem_limit", "cpus", "platform", "pull_policy", "stop_signal", "stop_grace_period",
+    "image",
+    "command",
+    "entrypoint",
+    "environment",
+    "working_dir",
+    "user",
+    "privileged",
+    "cap_add",
+    "cap_drop",
+    "read_only",
+    "volumes",
+    "tmpfs",
+    "sysctls",
+    "security_opt",
+    "stdin_open",
+    "tty",
+    "healthcheck",
+    "ports",
+    "expose",
+    "depends_on",
+    "restart",
+    "networks",
+    "container_name",
+    "deploy",
+    "labels",
+    "logging",
+    "hostname",
+    "mem_limit",
+    "cpus",
+    "platform",
+    "pull_policy",
+    "stop_signal",
+    "stop_grace_period",
 ];
 
 /// Generates the policy for a compose project.
@@ -30,7 +59,8 @@ pub fn generate(
         .map_err(|e| GenerateError::Parse { origin: origin.to_owned(), reason: e.to_string() })?;
     let mut check = FieldCheck::new();
     check.keys(&doc, "", TOP_KEYS);
-    let services = doc.get("services").and_then(Value::as_object).ok_or_else(|| GenerateError::NoWorkload(origin.to_owned()))?;
+    let services =
+        doc.get("services").and_then(Value::as_object).ok_or_else(|| GenerateError::NoWorkload(origin.to_owned()))?;
     let mut containers = Vec::new();
     for (name, service) in services {
         containers.push(service_spec(&format!("services.{name}"), name, service, &mut check)?);
@@ -49,8 +79,10 @@ pub fn generate(
             }),
         );
     }
-    let annotated = serde_norway::to_string(&doc)
-        .map_err(|e| GenerateError::Parse { origin: origin.to_owned(), reason: format!("cannot write YAML back: {e}") })?;
+    let annotated = serde_norway::to_string(&doc).map_err(|e| GenerateError::Parse {
+        origin: origin.to_owned(),
+        reason: format!("cannot write YAML back: {e}"),
+    })?;
     Ok(Generated { workloads: vec![generated], annotated })
 }
 
@@ -63,9 +95,10 @@ fn service_spec(path: &str, name: &str, s: &Value, check: &mut FieldCheck) -> Re
     let words = |key: &str| -> Result<Option<Vec<String>>, GenerateError> {
         match s.get(key) {
             None | Some(Value::Null) => Ok(None),
-            Some(Value::String(line)) => split_words(line)
-                .map(Some)
-                .ok_or_else(|| GenerateError::Invalid { path: format!("{path}.{key}"), reason: "unbalanced quotes".into() }),
+            Some(Value::String(line)) => split_words(line).map(Some).ok_or_else(|| GenerateError::Invalid {
+                path: format!("{path}.{key}"),
+                reason: "unbalanced quotes".into(),
+            }),
             Some(other) => super::string_list(Some(other), &format!("{path}.{key}")),
         }
     };

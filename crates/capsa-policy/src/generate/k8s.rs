@@ -16,25 +16,81 @@ use super::{FieldCheck, GenerateError, Generated, GeneratedWorkload, ImageResolv
 pub const INITDATA_ANNOTATION: &str = "io.katacontainers.config.hypervisor.cc_init_data";
 
 const POD_SPEC_KEYS: &[&str] = &[
-    "containers", "initContainers", "volumes", "securityContext", "restartPolicy",
-    "terminationGracePeriodSeconds", "activeDeadlineSeconds", "dnsPolicy", "dnsConfig", "nodeSelector",
-    "serviceAccountName", "serviceAccount", "automountServiceAccountToken", "nodeName", "hostNetwork",
-    "hostPID", "hostIPC", "hostname", "subdomain", "affinity", "schedulerName", "tolerations",
-    "priorityClassName", "priority", "runtimeClassName", "imagePullSecrets", "enableServiceLinks",
-    "topologySpreadConstraints", "preemptionPolicy", "readinessGates", "setHostnameAsFQDN",
+    "containers",
+    "initContainers",
+    "volumes",
+    "securityContext",
+    "restartPolicy",
+    "terminationGracePeriodSeconds",
+    "activeDeadlineSeconds",
+    "dnsPolicy",
+    "dnsConfig",
+    "nodeSelector",
+    "serviceAccountName",
+    "serviceAccount",
+    "automountServiceAccountToken",
+    "nodeName",
+    "hostNetwork",
+    "hostPID",
+    "hostIPC",
+    "hostname",
+    "subdomain",
+    "affinity",
+    "schedulerName",
+    "tolerations",
+    "priorityClassName",
+    "priority",
+    "runtimeClassName",
+    "imagePullSecrets",
+    "enableServiceLinks",
+    "topologySpreadConstraints",
+    "preemptionPolicy",
+    "readinessGates",
+    "setHostnameAsFQDN",
 ];
 const POD_SECURITY_KEYS: &[&str] = &[
-    "runAsUser", "runAsGroup", "runAsNonRoot", "supplementalGroups", "fsGroup", "fsGroupChangePolicy", "sysctls",
+    "runAsUser",
+    "runAsGroup",
+    "runAsNonRoot",
+    "supplementalGroups",
+    "fsGroup",
+    "fsGroupChangePolicy",
+    "sysctls",
     "seccompProfile",
 ];
 const CONTAINER_KEYS: &[&str] = &[
-    "name", "image", "command", "args", "env", "envFrom", "workingDir", "ports", "resources", "volumeMounts",
-    "securityContext", "imagePullPolicy", "livenessProbe", "readinessProbe", "startupProbe", "lifecycle",
-    "terminationMessagePath", "terminationMessagePolicy", "stdin", "stdinOnce", "tty", "restartPolicy",
+    "name",
+    "image",
+    "command",
+    "args",
+    "env",
+    "envFrom",
+    "workingDir",
+    "ports",
+    "resources",
+    "volumeMounts",
+    "securityContext",
+    "imagePullPolicy",
+    "livenessProbe",
+    "readinessProbe",
+    "startupProbe",
+    "lifecycle",
+    "terminationMessagePath",
+    "terminationMessagePolicy",
+    "stdin",
+    "stdinOnce",
+    "tty",
+    "restartPolicy",
 ];
 const CONTAINER_SECURITY_KEYS: &[&str] = &[
-    "runAsUser", "runAsGroup", "runAsNonRoot", "privileged", "allowPrivilegeEscalation", "readOnlyRootFilesystem",
-    "capabilities", "seccompProfile",
+    "runAsUser",
+    "runAsGroup",
+    "runAsNonRoot",
+    "privileged",
+    "allowPrivilegeEscalation",
+    "readOnlyRootFilesystem",
+    "capabilities",
+    "seccompProfile",
 ];
 const VOLUME_MOUNT_KEYS: &[&str] = &["name", "mountPath", "readOnly", "mountPropagation"];
 const ENV_KEYS: &[&str] = &["name", "value", "valueFrom"];
@@ -81,14 +137,12 @@ pub fn generate(
             _ => continue,
         };
         let path = format!("{kind}/{name}{}", template_pointer.replace('/', "."));
-        let template = doc.pointer_mut(template_pointer).ok_or_else(|| GenerateError::Invalid {
-            path: path.clone(),
-            reason: "has no pod template".into(),
-        })?;
-        let spec = template.get("spec").ok_or_else(|| GenerateError::Invalid {
-            path: format!("{path}.spec"),
-            reason: "missing".into(),
-        })?;
+        let template = doc
+            .pointer_mut(template_pointer)
+            .ok_or_else(|| GenerateError::Invalid { path: path.clone(), reason: "has no pod template".into() })?;
+        let spec = template
+            .get("spec")
+            .ok_or_else(|| GenerateError::Invalid { path: format!("{path}.spec"), reason: "missing".into() })?;
         let workload = pod(&format!("{path}.spec"), &name, spec, &sources, options)?;
         let data = super::build::build(&workload, resolver, settings)?;
         let generated = GeneratedWorkload::new(format!("{kind}/{name}"), data, Platform::Kubernetes)?;
@@ -140,7 +194,10 @@ fn config_sources(docs: &[Value]) -> Result<ConfigSources, GenerateError> {
                 for (k, v) in strings(doc.get("data")) {
                     use base64::Engine as _;
                     let decoded = base64::engine::general_purpose::STANDARD.decode(v.trim()).map_err(|e| {
-                        GenerateError::Invalid { path: format!("Secret/{name}.data.{k}"), reason: format!("not base64: {e}") }
+                        GenerateError::Invalid {
+                            path: format!("Secret/{name}.data.{k}"),
+                            reason: format!("not base64: {e}"),
+                        }
                     })?;
                     let text = String::from_utf8(decoded).map_err(|_| GenerateError::Invalid {
                         path: format!("Secret/{name}.data.{k}"),
@@ -222,10 +279,10 @@ fn volumes(path: &str, spec: &Value, check: &mut FieldCheck) -> Result<HashMap<S
     let Some(list) = spec.get("volumes").and_then(Value::as_array) else { return Ok(out) };
     for (i, v) in list.iter().enumerate() {
         let vpath = format!("{path}.volumes[{i}]");
-        let name = v.get("name").and_then(Value::as_str).ok_or_else(|| GenerateError::Invalid {
-            path: format!("{vpath}.name"),
-            reason: "missing".into(),
-        })?;
+        let name = v
+            .get("name")
+            .and_then(Value::as_str)
+            .ok_or_else(|| GenerateError::Invalid { path: format!("{vpath}.name"), reason: "missing".into() })?;
         let source = if let Some(host) = v.get("hostPath") {
             let p = host.get("path").and_then(Value::as_str).ok_or_else(|| GenerateError::Invalid {
                 path: format!("{vpath}.hostPath.path"),
@@ -257,14 +314,14 @@ fn container(
     check: &mut FieldCheck,
 ) -> Result<ContainerSpec, GenerateError> {
     check.keys(c, path, CONTAINER_KEYS);
-    let name = c.get("name").and_then(Value::as_str).ok_or_else(|| GenerateError::Invalid {
-        path: format!("{path}.name"),
-        reason: "missing".into(),
-    })?;
-    let image = c.get("image").and_then(Value::as_str).ok_or_else(|| GenerateError::Invalid {
-        path: format!("{path}.image"),
-        reason: "missing".into(),
-    })?;
+    let name = c
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or_else(|| GenerateError::Invalid { path: format!("{path}.name"), reason: "missing".into() })?;
+    let image = c
+        .get("image")
+        .and_then(Value::as_str)
+        .ok_or_else(|| GenerateError::Invalid { path: format!("{path}.image"), reason: "missing".into() })?;
     let security = c.get("securityContext").cloned().unwrap_or(Value::Null);
     check.keys(&security, &format!("{path}.securityContext"), CONTAINER_SECURITY_KEYS);
     // Container settings win over the pod's.
@@ -276,7 +333,9 @@ fn container(
         }
     }
     let capabilities = security.get("capabilities");
-    let cap_list = |key: &str| string_list(capabilities.and_then(|c| c.get(key)), &format!("{path}.securityContext.capabilities.{key}"));
+    let cap_list = |key: &str| {
+        string_list(capabilities.and_then(|c| c.get(key)), &format!("{path}.securityContext.capabilities.{key}"))
+    };
 
     let mut supplemental_groups = Vec::new();
     for key in ["supplementalGroups", "fsGroup"] {
@@ -323,14 +382,17 @@ fn container(
 
     let mut exec = Vec::new();
     for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
-        if let Some(cmd) = string_list(c.pointer(&format!("/{probe}/exec/command")), &format!("{path}.{probe}.exec.command"))? {
+        if let Some(cmd) =
+            string_list(c.pointer(&format!("/{probe}/exec/command")), &format!("{path}.{probe}.exec.command"))?
+        {
             exec.push(cmd);
         }
     }
     for hook in ["postStart", "preStop"] {
-        if let Some(cmd) =
-            string_list(c.pointer(&format!("/lifecycle/{hook}/exec/command")), &format!("{path}.lifecycle.{hook}.exec.command"))?
-        {
+        if let Some(cmd) = string_list(
+            c.pointer(&format!("/lifecycle/{hook}/exec/command")),
+            &format!("{path}.lifecycle.{hook}.exec.command"),
+        )? {
             exec.push(cmd);
         }
     }
@@ -397,7 +459,12 @@ fn field_ref_pattern(field: &str) -> &'static str {
 
 fn env(path: &str, c: &Value, sources: &ConfigSources, check: &mut FieldCheck) -> Result<Vec<EnvSpec>, GenerateError> {
     let mut out: Vec<EnvSpec> = Vec::new();
-    let lookup = |kind: &str, name: &str, key: Option<&str>, optional: bool, at: &str| -> Result<Option<BTreeMap<String, String>>, GenerateError> {
+    let lookup = |kind: &str,
+                  name: &str,
+                  key: Option<&str>,
+                  optional: bool,
+                  at: &str|
+     -> Result<Option<BTreeMap<String, String>>, GenerateError> {
         let map = if kind == "configMap" { sources.config_maps.get(name) } else { sources.secrets.get(name) };
         match map {
             Some(m) => Ok(Some(match key {
@@ -424,7 +491,8 @@ fn env(path: &str, c: &Value, sources: &ConfigSources, check: &mut FieldCheck) -
                 let optional = r.get("optional").and_then(Value::as_bool).unwrap_or(false);
                 for (k, v) in lookup(kind, name, None, optional, &fpath)?.unwrap_or_default() {
                     let name = format!("{prefix}{k}");
-                    let entry = if kind == "configMap" { EnvSpec::Literal { name, value: v } } else { secret_env(&name) };
+                    let entry =
+                        if kind == "configMap" { EnvSpec::Literal { name, value: v } } else { secret_env(&name) };
                     push_env(&mut out, entry);
                 }
             }
@@ -434,10 +502,10 @@ fn env(path: &str, c: &Value, sources: &ConfigSources, check: &mut FieldCheck) -
     for (i, e) in list.iter().enumerate() {
         let epath = format!("{path}.env[{i}]");
         check.keys(e, &epath, ENV_KEYS);
-        let name = e.get("name").and_then(Value::as_str).ok_or_else(|| GenerateError::Invalid {
-            path: format!("{epath}.name"),
-            reason: "missing".into(),
-        })?;
+        let name = e
+            .get("name")
+            .and_then(Value::as_str)
+            .ok_or_else(|| GenerateError::Invalid { path: format!("{epath}.name"), reason: "missing".into() })?;
         if let Some(from) = e.get("valueFrom") {
             let mut resolved = false;
             for (field, kind) in [("configMapKeyRef", "configMap"), ("secretKeyRef", "secret")] {
@@ -463,7 +531,10 @@ fn env(path: &str, c: &Value, sources: &ConfigSources, check: &mut FieldCheck) -
             }
             if let Some(field) = from.pointer("/fieldRef/fieldPath").and_then(Value::as_str) {
                 resolved = true;
-                push_env(&mut out, EnvSpec::RuntimeValue { name: name.to_owned(), value_pattern: field_ref_pattern(field).into() });
+                push_env(
+                    &mut out,
+                    EnvSpec::RuntimeValue { name: name.to_owned(), value_pattern: field_ref_pattern(field).into() },
+                );
             }
             if from.get("resourceFieldRef").is_some() {
                 resolved = true;
@@ -493,7 +564,9 @@ fn push_env(out: &mut Vec<EnvSpec>, entry: EnvSpec) {
     let name = match &entry {
         EnvSpec::Literal { name, .. } | EnvSpec::RuntimeValue { name, .. } => name.clone(),
     };
-    out.retain(|e| !matches!(e, EnvSpec::Literal { name: n, .. } | EnvSpec::RuntimeValue { name: n, .. } if *n == name));
+    out.retain(
+        |e| !matches!(e, EnvSpec::Literal { name: n, .. } | EnvSpec::RuntimeValue { name: n, .. } if *n == name),
+    );
     out.push(entry);
 }
 

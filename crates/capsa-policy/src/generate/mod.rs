@@ -83,7 +83,9 @@ pub enum GenerateError {
         reason: String,
     },
     /// The input has no workload.
-    #[error("{0} holds no workload capsa can generate a policy for (Pod, Deployment, StatefulSet, DaemonSet, ReplicaSet, Job, CronJob, an ARM containerGroup or compose services)")]
+    #[error(
+        "{0} holds no workload capsa can generate a policy for (Pod, Deployment, StatefulSet, DaemonSet, ReplicaSet, Job, CronJob, an ARM containerGroup or compose services)"
+    )]
     NoWorkload(String),
     /// The document could not be rendered.
     #[error(transparent)]
@@ -233,10 +235,9 @@ pub(crate) fn base64(bytes: &[u8]) -> String {
 /// Reads a JSON string array field, naming the path on a wrong type.
 pub(crate) fn string_list(value: Option<&serde_json::Value>, path: &str) -> Result<Option<Vec<String>>, GenerateError> {
     let Some(value) = value else { return Ok(None) };
-    let list = value.as_array().ok_or_else(|| GenerateError::Invalid {
-        path: path.to_owned(),
-        reason: "expected a list of strings".into(),
-    })?;
+    let list = value
+        .as_array()
+        .ok_or_else(|| GenerateError::Invalid { path: path.to_owned(), reason: "expected a list of strings".into() })?;
     list.iter()
         .enumerate()
         .map(|(i, v)| {

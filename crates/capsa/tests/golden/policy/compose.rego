@@ -12,26 +12,41 @@
 # How the rules are built, and why:
 #
 # - Positive checks decide. Every check is an `*_ok` rule that holds only
-#   when the request is shown to be acceptable, and `allowed` is the
-#   conjunction of the checks of the request's op. A check that cannot be
+#   when the request is shown to be acceptable, and a request is allowed
+#   only when all the checks of its op hold. A check that cannot be
 #   evaluated (a field of the wrong type, a missing field, a builtin error)
 #   is undefined, and so denies: the rules fail closed.
-# - Reasons explain. For every failed check a reason says which rule, which
-#   field, what the policy allows and what was requested. A reason that
-#   failed to evaluate would vanish, which is why reasons never decide;
-#   `allowed` additionally requires that there are none.
+# - Reasons explain, and are computed only for a denied request. For every
+#   failed check a reason says which rule, which field, what the policy
+#   allows and what was requested. A reason that failed to evaluate would
+#   vanish, which is why reasons never decide (the engine reports a denial
+#   without reasons as such).
 # - Environment values are never shown: they may be secrets. Every reason
 #   that mentions an environment entry goes through `env_shown` or
 #   `pattern_shown`, which keep the name and replace the value (the engine
 #   scrubs again after evaluation).
 # - Regular expressions from the policy must match a WHOLE string: they are
-#   anchored as \A(?:P)\z (\A and \z ignore the multi-line flag, so `$`
-#   matching before a trailing newline cannot happen), and the match found
-#   must moreover be the whole string, which holds even for a pattern that
-#   closes the group and escapes the anchors.
-# - Hot path: the container is looked up once by name in an object, and
-#   exact environment entries and capabilities are sets, so a request costs
-#   a few lookups per field rather than scans of the whole policy.
+#   anchored as \A(?:P)\z. \A and \z are the start and end of the text
+#   whatever the flags, so a value with a newline cannot end a match early
+#   the way `$` can in multi-line mode. The engine refuses a document
+#   whose patterns are not valid regular expressions on their own, so no
+#   pattern can close the group and escape the anchors.
+# - Hot path: the container is looked up once by name in an object; exact
+#   environment entries and capabilities are sets; an environment entry is
+#   tried only against the patterns for its own name; and an allowed
+#   request never evaluates a reason. Regular expressions are the expensive
+#   part of a decision, so they run only where nothing cheaper decides.
+# - The engine evaluates a document of exactly these rules and the data
+#   compiled to regorus' bytecode (RVM; any other document it interprets),
+#   whose semantics differ from Rego's in two places (regorus 0.14), both
+#   avoided here and both covered by the decision tests, which compare the
+#   compiled form against regorus' interpreter on every case:
+#   1. a body followed by `else` that iterates (`some x in xs`, `xs[_]`)
+#      and finds nothing does not fall through to the `else`: such bodies
+#      use comprehensions instead;
+#   2. an array or object comprehension whose term (or last assignment) is
+#      undefined yields an undefined element instead of none: every such
+#      term here is total.
 package capsa.policy
 
 import rego.v1
@@ -40,15 +55,10 @@ import rego.v1
 # Entry point
 # ---------------------------------------------------------------------------
 
-decision := {"allowed": allowed, "reasons": reasons}
-
-default allowed := false
-
-allowed if {
+decision := {"allowed": true, "reasons": []} if {
 	schema_ok
 	op_ok
-	count(reasons) == 0
-}
+} else := {"allowed": false, "reasons": reasons}
 
 # The rules were written for this schema version and no other.
 schema_ok if policy_data.version == 1
@@ -120,6 +130,20 @@ reason(rule, field, allowed_value, requested_value, message) := {
 # A request field, or null when absent (reasons must never be undefined).
 req(key) := object.get(input, key, null)
 
+# A request field that the rules iterate, or [] when it is not an array.
+# Iterating a value of another type is an error for regorus' interpreter
+# and undefined for its compiled form; the checks that use these test the
+# type themselves, so both forms decide and explain alike.
+requested_array(key) := x if {
+	x := input[key]
+	is_array(x)
+} else := []
+
+# Likewise for objects.
+requested_object(x) := x if is_object(x)
+
+else := {}
+
 # The element at i, or null past the end.
 at(a, i) := a[i] if i < count(a)
 
@@ -128,7 +152,7 @@ else := null
 # Whether a policy regular expression matches the whole of s (see the header).
 full_match(pattern, s) if {
 	is_string(s)
-	regex.find_n(concat("", ["\\A(?:", pattern, ")\\z"]), s, 1) == [s]
+	regex.match(concat("", ["\\A(?:", pattern, ")\\z"]), s)
 }
 
 # The variable name of a `NAME=value` entry.
@@ -149,15 +173,14 @@ pattern_shown(p) := sprintf("%s=<redacted pattern>", [env_name(p)]) if {
 } else := "<redacted pattern>"
 
 # An absolute path without `.` or `..` components, so that a pattern such as
-# `/run/capsa/copy/.*` cannot be walked out of.
+# `/run/capsa/copy/.*` cannot be walked out of. (In an absolute path every
+# component follows a `/`, so these four tests find every such component.)
 clean_path(p) if {
 	startswith(p, "/")
-	not dot_component(p)
-}
-
-dot_component(p) if {
-	some part in split(p, "/")
-	part in {".", ".."}
+	not contains(p, "/./")
+	not contains(p, "/../")
+	not endswith(p, "/.")
+	not endswith(p, "/..")
 }
 
 names_text(names) := "none" if count(names) == 0
@@ -282,7 +305,7 @@ list_difference(name, noun, want, got) := {
 } if {
 	not is_array(got)
 } else := {
-	"field": sprintf("%s[%d]", [name, i]), "allowed": at(want, i), "requested": at(got, j),
+	"field": sprintf("%s[%d]", [name, i]), "allowed": at(want, i), "requested": at(got, i),
 	"message": sprintf("%s[%d] and %s[%d] are swapped", [name, i, name, j]),
 } if {
 	count(want) == count(got)
@@ -301,7 +324,7 @@ list_difference(name, noun, want, got) := {
 	i := first_difference(want, got)
 } else := {
 	"field": sprintf("%s[%d]", [name, i]), "allowed": null, "requested": at(got, i),
-	"message": sprintf("the request adds a %s at %s[%d] that the policy does not have", [noun, name, i]),
+	"message": sprintf("the request has an extra %s at %s[%d], which the policy does not have", [noun, name, i]),
 } if {
 	count(got) == count(want) + 1
 	i := first_difference(want, got)
@@ -342,16 +365,45 @@ without(a, i) := array.concat(array.slice(a, 0, i), array.slice(a, i + 1, count(
 # Exact entries as a set: membership is one lookup, not a scan.
 env_exact := {e | some e in container.env.exact}
 
-env_allowed(e) if env_exact[e]
+# Indices of requested entries that the policy does not allow: neither
+# exactly nor by a pattern.
+env_denied := {i | some i, e in requested_env; not env_exact[e]; not env_pattern_allowed(e)}
 
-env_allowed(e) if {
-	not env_exact[e]
-	some p in container.env.patterns
+requested_env := requested_array("env")
+
+# An entry is tried against the patterns written for its name, and against
+# the patterns whose name part is not written literally.
+env_pattern_allowed(e) if {
+	is_string(e)
+	name := env_name(e)
+	some j, p in container.env.patterns
+	env_pattern_names[j] == name
 	full_match(p, e)
 }
 
-# Indices of requested entries that the policy does not allow.
-env_denied := {i | some i, e in input.env; not env_allowed(e)}
+env_pattern_allowed(e) if {
+	is_string(e)
+	some j, p in container.env.patterns
+	env_pattern_names[j] == ""
+	full_match(p, e)
+}
+
+# For each pattern, the variable name it is for, when every match must
+# begin with that literal name and `=`; "" when that cannot be told without
+# a regex engine. Literal means: the part before the first `=` is made of
+# letters, digits and `_` only, the `=` is not followed by a quantifier, and
+# there is no `|` anywhere (an alternative could match another name).
+env_pattern_names := [pattern_literal_name(p) | some p in container.env.patterns]
+
+pattern_literal_name(p) := name if {
+	parts := split(p, "=")
+	count(parts) > 1
+	name := parts[0]
+	name != ""
+	trim(name, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_") == ""
+	not contains(p, "|")
+	not substring(parts[1], 0, 1) in {"?", "*", "+", "{"}
+} else := ""
 
 env_ok if {
 	is_array(input.env)
@@ -388,14 +440,15 @@ env_message(i, e) := sprintf("env[%d] must be a NAME=value string, got %s", [i, 
 	"env[%d]: the policy allows %s, but not with this value (values are not shown)",
 	[i, env_name(e)],
 ) if {
-	some x in container.env.exact
-	env_name(x) == env_name(e)
+	env_exact_names[env_name(e)]
 } else := sprintf(
 	"env[%d]: %s matches no entry or pattern of the policy (values are not shown)",
 	[i, env_shown(e)],
 )
 
-env_names := {env_name(e) | some e in input.env; is_string(e)}
+env_names := {split(e, "=")[0] | some e in requested_env; is_string(e)}
+
+env_exact_names := {env_name(e) | some e in container.env.exact}
 
 env_missing := {n | some n in container.env.required; not env_names[n]}
 
@@ -449,15 +502,19 @@ reasons contains r if {
 	got != container.user[id]
 	r := reason(
 		"create_container.user", sprintf("user.%s", [id]), container.user[id], got,
-		sprintf("user.%s %v is not %v", [id, got, container.user[id]]),
+		id_message(sprintf("user.%s", [id]), got, container.user[id]),
 	)
 }
 
-requested_groups := object.get(requested_user, "groups", [])
+id_message(field, got, want) := sprintf("%s must be a number, got %s", [field, type_name(got)]) if {
+	not is_number(got)
+} else := sprintf("%s %v is not %v", [field, got, want])
+
+requested_groups := object.get(requested_object(requested_user), "groups", [])
 
 policy_groups := {g | some g in container.user.groups}
 
-groups_denied := {i | some i, g in requested_groups; not policy_groups[g]}
+groups_denied := {i | is_array(requested_groups); some i, g in requested_groups; not policy_groups[g]}
 
 groups_ok if {
 	is_array(requested_groups)
@@ -488,7 +545,7 @@ reasons contains r if {
 
 policy_capabilities := {c | some c in container.capabilities}
 
-capabilities_denied := {i | some i, c in input.capabilities; not policy_capabilities[c]}
+capabilities_denied := {i | some i, c in requested_array("capabilities"); not policy_capabilities[c]}
 
 capabilities_ok if {
 	is_array(input.capabilities)
@@ -618,20 +675,19 @@ seccomp_message := "the policy requires a seccomp profile, and the request carri
 
 # --- mounts: every requested mount must match a policy mount ---
 
-mounts_denied := {i | some i, m in input.mounts; not mount_allowed(m)}
+mounts_denied := {i | some i, m in requested_array("mounts"); not mount_allowed(m)}
 
 mounts_ok if {
 	is_array(input.mounts)
 	count(mounts_denied) == 0
 }
 
-mount_allowed(m) if {
-	some p in container.mounts
-	mount_matches(p, m)
-}
+# Policy mounts by destination: one lookup per requested mount. (The engine
+# refuses policy data with two mounts at one destination in a container.)
+policy_mounts := {p.destination: p | some p in container.mounts}
 
-mount_matches(p, m) if {
-	m.destination == p.destination
+mount_allowed(m) if {
+	p := policy_mounts[m.destination]
 	m.type == p.type
 	source_matches(p.source, m.source)
 	options_ok(p, m)
@@ -640,9 +696,10 @@ mount_matches(p, m) if {
 source_matches(s, src) if src == s.exact
 
 source_matches(s, src) if {
+	pattern := s.pattern
 	is_string(src)
 	clean_path(src)
-	full_match(s.pattern, src)
+	full_match(pattern, src)
 }
 
 # Every option the policy names (such as `ro`) must be present, and `rw`
@@ -650,9 +707,6 @@ source_matches(s, src) if {
 # mount writable.
 options_ok(p, m) if {
 	is_array(m.options)
-	every o in m.options {
-		is_string(o)
-	}
 	every o in p.options {
 		o in m.options
 	}
@@ -677,7 +731,7 @@ reasons contains r if {
 	creating
 	some i in mounts_denied
 	m := input.mounts[i]
-	candidates := [p | some p in container.mounts; p.destination == object.get(m, "destination", null)]
+	candidates := [p | some p in container.mounts; p.destination == object.get(requested_object(m), "destination", null)]
 	r := reason(
 		"create_container.mounts", sprintf("mounts[%d]", [i]), mount_allowed_shown(candidates), m,
 		sprintf("mounts[%d]: %s", [i, mount_problem(candidates, m)]),
@@ -711,11 +765,11 @@ mount_mismatch(p, m) := sprintf("type %v is not %v", [object.get(m, "type", null
 	writable_over_read_only(p, m)
 } else := sprintf(
 	"options %v lack %v, which the policy requires at %v",
-	[object.get(m, "options", null), p.options, p.destination],
+	[object.get(m, "options", null), missing, p.destination],
 ) if {
 	is_array(m.options)
-	some o in p.options
-	not o in m.options
+	missing := [o | some o in p.options; not o in m.options]
+	count(missing) > 0
 } else := sprintf("options must be an array of strings, got %v", [object.get(m, "options", null)])
 
 # --- sysctls: each requested one must be in the policy with that value ---
@@ -726,7 +780,7 @@ policy_sysctls := object.get(container, "sysctls", {})
 
 sysctl_allowed(k, v) if policy_sysctls[k] == v
 
-sysctls_denied := {k | some k, v in requested_sysctls; not sysctl_allowed(k, v)}
+sysctls_denied := {k | some k, v in requested_object(requested_sysctls); not sysctl_allowed(k, v)}
 
 sysctls_ok if {
 	is_object(requested_sysctls)
@@ -769,14 +823,15 @@ reasons contains r if {
 	input.op == "exec_process"
 	container
 	not exec_process_ok
-	r := reason(
-		"exec_process.args", "args", container.exec, req("args"),
-		sprintf(
-			"command %v is not among the %d commands the policy allows in container %v",
-			[req("args"), count(container.exec), input.container],
-		),
-	)
+	r := reason("exec_process.args", "args", container.exec, req("args"), exec_message)
 }
+
+exec_message := sprintf("args must be an array of strings, got %s", [type_name(req("args"))]) if {
+	not is_array(req("args"))
+} else := sprintf(
+	"command %v is not among the %d commands the policy allows in container %v",
+	[req("args"), count(container.exec), input.container],
+)
 
 # ---------------------------------------------------------------------------
 # signal_process: a signal the container's policy lists
@@ -792,11 +847,12 @@ reasons contains r if {
 	input.op == "signal_process"
 	container
 	not signal_process_ok
-	r := reason(
-		"signal_process.signal", "signal", container.signals, req("signal"),
-		sprintf("signal %v may not be sent to container %v", [req("signal"), input.container]),
-	)
+	r := reason("signal_process.signal", "signal", container.signals, req("signal"), signal_message)
 }
+
+signal_message := sprintf("signal must be a number, got %s", [type_name(req("signal"))]) if {
+	not is_number(req("signal"))
+} else := sprintf("signal %v may not be sent to container %v", [req("signal"), input.container])
 
 # ---------------------------------------------------------------------------
 # Per-container and sandbox-wide permissions
