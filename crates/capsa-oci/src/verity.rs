@@ -22,8 +22,9 @@
 //! instead ([`VerityError::UnalignedSize`]), because unverified bytes in a
 //! confidential container's image are a hole, not a convenience: pad the image
 //! to a multiple of 4096 bytes (`truncate -s %4096 FILE`) before hashing it
-//! with either tool. Someone who wants veritysetup's exact behaviour on such a
-//! file can pass the length rounded down to [`root_hash_reader`].
+//! with either tool. [`root_hash_file_like_veritysetup`] reproduces
+//! veritysetup exactly, tail and all, for `capsa verity` and other tools
+//! that must agree with it; it reports how many bytes it left out.
 //!
 //! Speed. One sequential pass over the data: the calling thread reads chunks
 //! of [`CHUNK_SIZE`] bytes into a small pool of buffers and worker threads (as
@@ -190,6 +191,25 @@ pub enum VerityError {
 /// bounded memory.
 pub fn root_hash_file(path: &Path, params: &VerityParams) -> Result<[u8; DIGEST_SIZE], VerityError> {
     build_file(path, params, false).map(|tree| tree.root_hash)
+}
+
+/// What `veritysetup format` computes for the file at `path`: the root hash
+/// of its whole 4096-byte blocks, and how many trailing bytes that leaves out
+/// (they are not part of the tree, and a dm-verity device built on it does
+/// not expose them). For tools that must agree with veritysetup byte for
+/// byte; capsa's own images use [`root_hash_file`], which refuses a tail.
+pub fn root_hash_file_like_veritysetup(
+    path: &Path,
+    params: &VerityParams,
+) -> Result<([u8; DIGEST_SIZE], u64), VerityError> {
+    let file = File::open(path).map_err(|source| VerityError::Io { op: "open", path: path.to_owned(), source })?;
+    let len = file.metadata().map_err(|source| VerityError::Io { op: "stat", path: path.to_owned(), source })?.len();
+    let tail = len % BLOCK_SIZE_U64;
+    if len < BLOCK_SIZE_U64 {
+        // veritysetup refuses devices under one block as well.
+        return Err(if len == 0 { VerityError::Empty } else { VerityError::UnalignedSize { len, tail } });
+    }
+    root_hash_reader(file, len - tail, params).map(|root| (root, tail))
 }
 
 /// The dm-verity root hash of the first `len` bytes of `reader`; `len` must be

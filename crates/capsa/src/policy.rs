@@ -247,8 +247,15 @@ pub fn verity(args: VerityArgs) -> anyhow::Result<()> {
         None => Vec::new(),
     };
     let params = capsa_oci::verity::VerityParams { salt };
-    let root = capsa_oci::verity::root_hash_file(&args.file, &params)
+    let (root, tail) = capsa_oci::verity::root_hash_file_like_veritysetup(&args.file, &params)
         .with_context(|| format!("cannot compute the dm-verity root hash of {}", args.file.display()))?;
+    if tail != 0 {
+        let _ = writeln!(
+            std::io::stderr(),
+            "capsa: warning: the last {tail} bytes of {} are not a whole 4096-byte block and are outside the tree (as with veritysetup); pad the file (truncate -s %4096) to cover them",
+            args.file.display()
+        );
+    }
     println!("{}", hex::encode(root));
     Ok(())
 }
