@@ -147,8 +147,8 @@ impl MountSetting {
     }
 }
 
-/// Patterns end up in Rego's `regex.match`; reject what would not compile
-/// there rather than produce a policy that denies everything.
+/// Patterns are matched by the engine with Rust's `regex`, anchored; reject
+/// what would not compile rather than produce a policy that denies everything.
 pub(crate) fn regex_check(pattern: &str) -> Result<(), String> {
     regex::Regex::new(&format!("^(?:{pattern})$")).map(|_| ()).map_err(|e| format!("pattern {pattern:?}: {e}"))
 }

@@ -25,17 +25,39 @@
 #   that mentions an environment entry goes through `env_shown` or
 #   `pattern_shown`, which keep the name and replace the value (the engine
 #   scrubs again after evaluation).
-# - Regular expressions from the policy must match a WHOLE string: they are
-#   anchored as \A(?:P)\z. \A and \z are the start and end of the text
-#   whatever the flags, so a value with a newline cannot end a match early
-#   the way `$` can in multi-line mode. The engine refuses a document
+# - Regular expressions from the policy must match a WHOLE string: the
+#   engine anchors them as \A(?:P)\z. \A and \z are the start and end of
+#   the text whatever the flags, so a value with a newline cannot end a
+#   match early the way `$` can in multi-line mode. The engine refuses a document
 #   whose patterns are not valid regular expressions on their own, so no
 #   pattern can close the group and escape the anchors.
+# - The capsa engine, not these rules, runs the policy's regular
+#   expressions, and passes the results in `input.capsa_matches`. regorus
+#   clones its cached regex for every `regex.match`, and a clone starts with
+#   an empty matching cache, which made each match cost some 100 times what
+#   it costs on a regex compiled once; its compiled form (RVM) takes no
+#   custom builtins. So the engine compiles every pattern of `policy_data`
+#   once, anchored as above, and before each evaluation sets, on its own
+#   copy of the request (a value the host sent under that key is replaced,
+#   never read):
+#     env       for create_container, one boolean per requested env entry:
+#               whether it is a string that one of the named container's
+#               env patterns matches whole (false, and not computed, for an
+#               entry the container lists exactly, which decides first);
+#     mounts    for create_container, one boolean per requested mount:
+#               whether its source is a string that the source pattern of
+#               the container's mount at its destination matches whole;
+#     copy_file for copy_file, whether the path is a string that one of
+#               the sandbox's copy_file patterns matches whole.
+#   The path checks (absolute, no `.` or `..` component) stay here, in
+#   `clean_path`. A request without `capsa_matches` (these rules evaluated
+#   by another Rego engine) is denied, whatever its op: the rules fail
+#   closed rather than assume a match.
 # - Hot path: the container is looked up once by name in an object; exact
-#   environment entries and capabilities are sets; an environment entry is
-#   tried only against the patterns for its own name; and an allowed
-#   request never evaluates a reason. Regular expressions are the expensive
-#   part of a decision, so they run only where nothing cheaper decides.
+#   environment entries and capabilities are sets, and an environment entry
+#   listed exactly is accepted before its pattern result is looked at; no
+#   regular expression runs in Rego; and an allowed request never evaluates
+#   a reason.
 # - The engine evaluates a document of exactly these rules and the data
 #   compiled to regorus' bytecode (RVM; any other document it interprets),
 #   whose semantics differ from Rego's in two places (regorus 0.14), both
@@ -57,11 +79,15 @@ import rego.v1
 
 decision := {"allowed": true, "reasons": []} if {
 	schema_ok
+	matches_ok
 	op_ok
 } else := {"allowed": false, "reasons": reasons}
 
 # The rules were written for this schema version and no other.
 schema_ok if policy_data.version == 1
+
+# The engine's pattern matches are present (see the header).
+matches_ok if is_object(input.capsa_matches)
 
 op_ok if {
 	input.op == "create_container"
@@ -149,12 +175,6 @@ at(a, i) := a[i] if i < count(a)
 
 else := null
 
-# Whether a policy regular expression matches the whole of s (see the header).
-full_match(pattern, s) if {
-	is_string(s)
-	regex.match(concat("", ["\\A(?:", pattern, ")\\z"]), s)
-}
-
 # The variable name of a `NAME=value` entry.
 env_name(e) := split(e, "=")[0]
 
@@ -205,6 +225,15 @@ reasons contains r if {
 op_message := "the request has no op" if {
 	req("op") == null
 } else := sprintf("unknown operation %v (the rules know %s)", [req("op"), names_text(sort(known_ops))])
+
+reasons contains r if {
+	is_object(input)
+	not matches_ok
+	r := reason(
+		"engine.matches", "capsa_matches", "the pattern matches the capsa engine computes", null,
+		"the request carries no pattern matches from the capsa engine, which these rules need",
+	)
+}
 
 reasons contains r if {
 	not schema_ok
@@ -367,43 +396,16 @@ env_exact := {e | some e in container.env.exact}
 
 # Indices of requested entries that the policy does not allow: neither
 # exactly nor by a pattern.
-env_denied := {i | some i, e in requested_env; not env_exact[e]; not env_pattern_allowed(e)}
+env_denied := {i | some i, e in requested_env; not env_exact[e]; not env_pattern_allowed(i, e)}
 
 requested_env := requested_array("env")
 
-# An entry is tried against the patterns written for its name, and against
-# the patterns whose name part is not written literally.
-env_pattern_allowed(e) if {
+# Whether one of the container's patterns matches the whole of entry i, as
+# the engine found (see the header).
+env_pattern_allowed(i, e) if {
 	is_string(e)
-	name := env_name(e)
-	some j, p in container.env.patterns
-	env_pattern_names[j] == name
-	full_match(p, e)
+	input.capsa_matches.env[i] == true
 }
-
-env_pattern_allowed(e) if {
-	is_string(e)
-	some j, p in container.env.patterns
-	env_pattern_names[j] == ""
-	full_match(p, e)
-}
-
-# For each pattern, the variable name it is for, when every match must
-# begin with that literal name and `=`; "" when that cannot be told without
-# a regex engine. Literal means: the part before the first `=` is made of
-# letters, digits and `_` only, the `=` is not followed by a quantifier, and
-# there is no `|` anywhere (an alternative could match another name).
-env_pattern_names := [pattern_literal_name(p) | some p in container.env.patterns]
-
-pattern_literal_name(p) := name if {
-	parts := split(p, "=")
-	count(parts) > 1
-	name := parts[0]
-	name != ""
-	trim(name, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_") == ""
-	not contains(p, "|")
-	not substring(parts[1], 0, 1) in {"?", "*", "+", "{"}
-} else := ""
 
 env_ok if {
 	is_array(input.env)
@@ -675,7 +677,7 @@ seccomp_message := "the policy requires a seccomp profile, and the request carri
 
 # --- mounts: every requested mount must match a policy mount ---
 
-mounts_denied := {i | some i, m in requested_array("mounts"); not mount_allowed(m)}
+mounts_denied := {i | some i, m in requested_array("mounts"); not mount_allowed(i, m)}
 
 mounts_ok if {
 	is_array(input.mounts)
@@ -686,20 +688,24 @@ mounts_ok if {
 # refuses policy data with two mounts at one destination in a container.)
 policy_mounts := {p.destination: p | some p in container.mounts}
 
-mount_allowed(m) if {
+mount_allowed(i, m) if {
 	p := policy_mounts[m.destination]
 	m.type == p.type
-	source_matches(p.source, m.source)
+	source_matches(i, p.source, m.source)
 	options_ok(p, m)
 }
 
-source_matches(s, src) if src == s.exact
+# The source of requested mount i against policy source s, that of the
+# policy mount at the same destination: equal to an exact source, or a
+# clean absolute path that the pattern matches whole, as the engine found
+# (see the header).
+source_matches(_, s, src) if src == s.exact
 
-source_matches(s, src) if {
-	pattern := s.pattern
+source_matches(i, s, src) if {
+	is_string(s.pattern)
 	is_string(src)
 	clean_path(src)
-	full_match(pattern, src)
+	input.capsa_matches.mounts[i] == true
 }
 
 # Every option the policy names (such as `ro`) must be present, and `rw`
@@ -734,7 +740,7 @@ reasons contains r if {
 	candidates := [p | some p in container.mounts; p.destination == object.get(requested_object(m), "destination", null)]
 	r := reason(
 		"create_container.mounts", sprintf("mounts[%d]", [i]), mount_allowed_shown(candidates), m,
-		sprintf("mounts[%d]: %s", [i, mount_problem(candidates, m)]),
+		sprintf("mounts[%d]: %s", [i, mount_problem(i, candidates, m)]),
 	)
 }
 
@@ -742,25 +748,25 @@ mount_allowed_shown(candidates) := candidates if count(candidates) > 0
 
 else := sort([p.destination | some p in container.mounts])
 
-mount_problem(candidates, m) := sprintf("a mount must be an object, got %s", [type_name(m)]) if {
+mount_problem(i, candidates, m) := sprintf("a mount must be an object, got %s", [type_name(m)]) if {
 	not is_object(m)
 } else := sprintf(
 	"nothing may be mounted at %v; the policy allows mounts at: %s",
 	[object.get(m, "destination", null), names_text(sort([p.destination | some p in container.mounts]))],
 ) if {
 	count(candidates) == 0
-} else := mount_mismatch(candidates[0], m)
+} else := mount_mismatch(i, candidates[0], m)
 
-mount_mismatch(p, m) := sprintf("type %v is not %v", [object.get(m, "type", null), p.type]) if {
+mount_mismatch(i, p, m) := sprintf("type %v is not %v", [object.get(m, "type", null), p.type]) if {
 	object.get(m, "type", null) != p.type
 } else := sprintf("source %v is not %v", [object.get(m, "source", null), p.source.exact]) if {
 	is_string(p.source.exact)
-	not source_matches(p.source, object.get(m, "source", null))
+	not source_matches(i, p.source, object.get(m, "source", null))
 } else := sprintf(
 	"source %v does not match the pattern %v as a clean absolute path",
 	[object.get(m, "source", null), p.source.pattern],
 ) if {
-	not source_matches(p.source, object.get(m, "source", null))
+	not source_matches(i, p.source, object.get(m, "source", null))
 } else := sprintf("%v is writable (rw) but the policy mounts it read-only", [p.destination]) if {
 	writable_over_read_only(p, m)
 } else := sprintf(
@@ -882,11 +888,11 @@ reasons contains r if {
 # copy_file: a clean absolute path that a policy pattern matches whole
 # ---------------------------------------------------------------------------
 
+# The engine matched the path against the patterns (see the header).
 copy_file_ok if {
 	is_string(input.path)
 	clean_path(input.path)
-	some p in policy_data.sandbox.copy_file
-	full_match(p, input.path)
+	input.capsa_matches.copy_file == true
 }
 
 reasons contains r if {
