@@ -10,8 +10,11 @@
 use serde_json::{Map, Value};
 
 use super::settings::Settings;
-use super::spec::{ContainerSpec, EnvSpec, MountSpec, Platform, VolumeSource, Workload};
-use super::{FieldCheck, GenerateError, Generated, GeneratedWorkload, ImageResolver, Options, base64, string_list};
+use super::spec::{ContainerSpec, EnvSpec, Platform, VolumeSource, Workload};
+use super::{
+    FieldCheck, GenerateError, Generated, GeneratedWorkload, ImageResolver, Options, base64, required_str, string_list,
+    volume_mount,
+};
 
 const GROUP_TYPE: &str = "Microsoft.ContainerInstance/containerGroups";
 const GROUP_PROPERTY_KEYS: &[&str] = &[
@@ -139,10 +142,7 @@ fn container(
     let ppath = format!("{path}.properties");
     check.keys(&props, &ppath, CONTAINER_PROPERTY_KEYS);
     let props = field(&props, &ppath)?;
-    let image = props
-        .get("image")
-        .and_then(Value::as_str)
-        .ok_or_else(|| GenerateError::Invalid { path: format!("{ppath}.image"), reason: "missing".into() })?;
+    let image = required_str(&props, "image", &ppath)?;
     let mut env = Vec::new();
     if let Some(list) = props.get("environmentVariables").and_then(Value::as_array) {
         for (i, e) in list.iter().enumerate() {
@@ -162,20 +162,7 @@ fn container(
     if let Some(list) = props.get("volumeMounts").and_then(Value::as_array) {
         for (i, m) in list.iter().enumerate() {
             let mpath = format!("{ppath}.volumeMounts[{i}]");
-            let vol = m.get("name").and_then(Value::as_str).unwrap_or_default();
-            let source = volumes.get(vol).cloned().ok_or_else(|| GenerateError::Invalid {
-                path: format!("{mpath}.name"),
-                reason: format!("no volume named \"{vol}\" in the container group"),
-            })?;
-            let destination = m.get("mountPath").and_then(Value::as_str).ok_or_else(|| GenerateError::Invalid {
-                path: format!("{mpath}.mountPath"),
-                reason: "missing".into(),
-            })?;
-            mounts.push(MountSpec {
-                destination: destination.into(),
-                source,
-                read_only: m.get("readOnly").and_then(Value::as_bool).unwrap_or(false),
-            });
+            mounts.push(volume_mount(&mpath, m, volumes, "container group")?);
         }
     }
     let security = props.get("securityContext").cloned().unwrap_or(Value::Null);

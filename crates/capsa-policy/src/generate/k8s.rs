@@ -9,8 +9,11 @@ use std::collections::{BTreeMap, HashMap};
 use serde_json::{Map, Value};
 
 use super::settings::Settings;
-use super::spec::{ContainerSpec, EnvSpec, MountSpec, Platform, VolumeSource, Workload};
-use super::{FieldCheck, GenerateError, Generated, GeneratedWorkload, ImageResolver, Options, base64, string_list};
+use super::spec::{ContainerSpec, EnvSpec, Platform, VolumeSource, Workload};
+use super::{
+    FieldCheck, GenerateError, Generated, GeneratedWorkload, ImageResolver, Options, base64, required_str, string_list,
+    volume_mount,
+};
 
 /// The annotation Confidential Containers reads initdata from.
 pub const INITDATA_ANNOTATION: &str = "io.katacontainers.config.hypervisor.cc_init_data";
@@ -279,10 +282,7 @@ fn volumes(path: &str, spec: &Value, check: &mut FieldCheck) -> Result<HashMap<S
     let Some(list) = spec.get("volumes").and_then(Value::as_array) else { return Ok(out) };
     for (i, v) in list.iter().enumerate() {
         let vpath = format!("{path}.volumes[{i}]");
-        let name = v
-            .get("name")
-            .and_then(Value::as_str)
-            .ok_or_else(|| GenerateError::Invalid { path: format!("{vpath}.name"), reason: "missing".into() })?;
+        let name = required_str(v, "name", &vpath)?;
         let source = if let Some(host) = v.get("hostPath") {
             let p = host.get("path").and_then(Value::as_str).ok_or_else(|| GenerateError::Invalid {
                 path: format!("{vpath}.hostPath.path"),
@@ -314,14 +314,8 @@ fn container(
     check: &mut FieldCheck,
 ) -> Result<ContainerSpec, GenerateError> {
     check.keys(c, path, CONTAINER_KEYS);
-    let name = c
-        .get("name")
-        .and_then(Value::as_str)
-        .ok_or_else(|| GenerateError::Invalid { path: format!("{path}.name"), reason: "missing".into() })?;
-    let image = c
-        .get("image")
-        .and_then(Value::as_str)
-        .ok_or_else(|| GenerateError::Invalid { path: format!("{path}.image"), reason: "missing".into() })?;
+    let name = required_str(c, "name", path)?;
+    let image = required_str(c, "image", path)?;
     let security = c.get("securityContext").cloned().unwrap_or(Value::Null);
     check.keys(&security, &format!("{path}.securityContext"), CONTAINER_SECURITY_KEYS);
     // Container settings win over the pod's.
@@ -366,17 +360,7 @@ fn container(
             if m.get("mountPropagation").and_then(Value::as_str).is_some_and(|p| p != "None") {
                 check.unsupported(format!("{mpath}.mountPropagation"));
             }
-            let vol = m.get("name").and_then(Value::as_str).unwrap_or_default();
-            let source = volumes.get(vol).cloned().ok_or_else(|| GenerateError::Invalid {
-                path: format!("{mpath}.name"),
-                reason: format!("no volume named \"{vol}\" in the pod spec"),
-            })?;
-            let destination = m.get("mountPath").and_then(Value::as_str).ok_or_else(|| GenerateError::Invalid {
-                path: format!("{mpath}.mountPath"),
-                reason: "missing".into(),
-            })?;
-            let read_only = m.get("readOnly").and_then(Value::as_bool).unwrap_or(false);
-            mounts.push(MountSpec { destination: destination.to_owned(), source, read_only });
+            mounts.push(volume_mount(&mpath, m, volumes, "pod spec")?);
         }
     }
 
@@ -502,10 +486,7 @@ fn env(path: &str, c: &Value, sources: &ConfigSources, check: &mut FieldCheck) -
     for (i, e) in list.iter().enumerate() {
         let epath = format!("{path}.env[{i}]");
         check.keys(e, &epath, ENV_KEYS);
-        let name = e
-            .get("name")
-            .and_then(Value::as_str)
-            .ok_or_else(|| GenerateError::Invalid { path: format!("{epath}.name"), reason: "missing".into() })?;
+        let name = required_str(e, "name", &epath)?;
         if let Some(from) = e.get("valueFrom") {
             let mut resolved = false;
             for (field, kind) in [("configMapKeyRef", "configMap"), ("secretKeyRef", "secret")] {

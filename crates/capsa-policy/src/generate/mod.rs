@@ -226,6 +226,34 @@ impl FieldCheck {
     }
 }
 
+/// A required string field, or an error naming its path.
+pub(crate) fn required_str<'v>(value: &'v serde_json::Value, key: &str, path: &str) -> Result<&'v str, GenerateError> {
+    value.get(key).and_then(serde_json::Value::as_str).ok_or_else(|| GenerateError::Invalid {
+        path: format!("{path}.{key}"),
+        reason: "missing (or not a string)".into(),
+    })
+}
+
+/// A `{name, mountPath, readOnly}` volume mount (the shape Kubernetes and
+/// Azure Container Instances share), its volume looked up by name.
+pub(crate) fn volume_mount(
+    path: &str,
+    mount: &serde_json::Value,
+    volumes: &std::collections::HashMap<String, spec::VolumeSource>,
+    owner: &str,
+) -> Result<spec::MountSpec, GenerateError> {
+    let volume = required_str(mount, "name", path)?;
+    let source = volumes.get(volume).cloned().ok_or_else(|| GenerateError::Invalid {
+        path: format!("{path}.name"),
+        reason: format!("no volume named \"{volume}\" in the {owner}"),
+    })?;
+    Ok(spec::MountSpec {
+        destination: required_str(mount, "mountPath", path)?.to_owned(),
+        source,
+        read_only: mount.get("readOnly").and_then(serde_json::Value::as_bool).unwrap_or(false),
+    })
+}
+
 /// Base64 (standard, padded) as annotations and ARM properties carry it.
 pub(crate) fn base64(bytes: &[u8]) -> String {
     use base64::Engine as _;
