@@ -53,11 +53,15 @@
 #   `clean_path`. A request without `capsa_matches` (these rules evaluated
 #   by another Rego engine) is denied, whatever its op: the rules fail
 #   closed rather than assume a match.
-# - Hot path: the container is looked up once by name in an object; exact
-#   environment entries and capabilities are sets, and an environment entry
-#   listed exactly is accepted before its pattern result is looked at; no
-#   regular expression runs in Rego; and an allowed request never evaluates
-#   a reason.
+# - Hot path: the container is looked up once by name in an object, and
+#   each requested mount by destination in an object of the container's
+#   mounts; requested environment entries, groups and capabilities are
+#   looked up with `in` in the policy's arrays, not in sets built for every
+#   request (in the compiled form every loop iteration and every rule or
+#   function call costs, so the hot path has few of either); an
+#   environment entry listed exactly is accepted before its pattern result
+#   is looked at; no regular expression runs in Rego; and an allowed
+#   request never evaluates a reason.
 # - The engine evaluates a document of exactly these rules and the data
 #   compiled to regorus' bytecode (RVM; any other document it interprets),
 #   whose semantics differ from Rego's in two places (regorus 0.14), both
@@ -391,12 +395,15 @@ without(a, i) := array.concat(array.slice(a, 0, i), array.slice(a, i + 1, count(
 
 # --- env: every entry allowed exactly or by a pattern; required names set ---
 
-# Exact entries as a set: membership is one lookup, not a scan.
-env_exact := {e | some e in container.env.exact}
-
 # Indices of requested entries that the policy does not allow: neither
-# exactly nor by a pattern.
-env_denied := {i | some i, e in requested_env; not env_exact[e]; not env_pattern_allowed(i, e)}
+# exactly nor by a pattern. (`in` on the policy's few exact entries costs
+# less than building a set of them for every request.)
+env_denied := {i |
+	exact := container.env.exact
+	some i, e in requested_env
+	not e in exact
+	not env_pattern_allowed(i, e)
+}
 
 requested_env := requested_array("env")
 
@@ -448,11 +455,28 @@ env_message(i, e) := sprintf("env[%d] must be a NAME=value string, got %s", [i, 
 	[i, env_shown(e)],
 )
 
-env_names := {split(e, "=")[0] | some e in requested_env; is_string(e)}
-
 env_exact_names := {env_name(e) | some e in container.env.exact}
 
-env_missing := {n | some n in container.env.required; not env_names[n]}
+env_missing := {n | some n in container.env.required; not env_sets(n)}
+
+# Whether a requested entry has the name n, what precedes its first `=`:
+# the entry is n itself or starts with `n=` (so a name never holds `=`).
+# One builtin call over the requested strings costs less than building the
+# set of their names for every request.
+env_sets(n) if {
+	not contains(n, "=")
+	strings.any_prefix_match(requested_env_strings, concat("", [n, "="]))
+}
+
+env_sets(n) if {
+	not contains(n, "=")
+	n in requested_env
+}
+
+requested_env_strings := [e | some e in requested_env; is_string(e)]
+
+# The names the request sets, for reasons only.
+env_names := {split(e, "=")[0] | some e in requested_env_strings}
 
 env_required_ok if count(env_missing) == 0
 
@@ -514,9 +538,12 @@ id_message(field, got, want) := sprintf("%s must be a number, got %s", [field, t
 
 requested_groups := object.get(requested_object(requested_user), "groups", [])
 
-policy_groups := {g | some g in container.user.groups}
-
-groups_denied := {i | is_array(requested_groups); some i, g in requested_groups; not policy_groups[g]}
+groups_denied := {i |
+	is_array(requested_groups)
+	allowed := container.user.groups
+	some i, g in requested_groups
+	not g in allowed
+}
 
 groups_ok if {
 	is_array(requested_groups)
@@ -545,9 +572,11 @@ reasons contains r if {
 
 # --- capabilities: the request may hold fewer, never more ---
 
-policy_capabilities := {c | some c in container.capabilities}
-
-capabilities_denied := {i | some i, c in requested_array("capabilities"); not policy_capabilities[c]}
+capabilities_denied := {i |
+	allowed := container.capabilities
+	some i, c in requested_array("capabilities")
+	not c in allowed
+}
 
 capabilities_ok if {
 	is_array(input.capabilities)
@@ -688,11 +717,24 @@ mounts_ok if {
 # refuses policy data with two mounts at one destination in a container.)
 policy_mounts := {p.destination: p | some p in container.mounts}
 
+# The requested mount must have the type, source and options of the policy
+# mount at its destination. Every option the policy names (such as `ro`)
+# must be present, and `rw` may not stand beside a policy `ro`: the host can
+# never make a read-only mount writable. (All in one body, without further
+# calls, as each call costs the compiled form about as much as the checks;
+# `writable_over_read_only` says the same for the explanation.)
+
 mount_allowed(i, m) if {
 	p := policy_mounts[m.destination]
 	m.type == p.type
 	source_matches(i, p.source, m.source)
-	options_ok(p, m)
+	is_array(m.options)
+	every o in p.options {
+		o in m.options
+	}
+	# Not `rw` over a policy `ro`: `not writable_over_read_only(p, m)`,
+	# without the call.
+	["ro" in p.options, "rw" in m.options] != [true, true]
 }
 
 # The source of requested mount i against policy source s, that of the
@@ -708,17 +750,7 @@ source_matches(i, s, src) if {
 	input.capsa_matches.mounts[i] == true
 }
 
-# Every option the policy names (such as `ro`) must be present, and `rw`
-# may not stand beside a policy `ro`: the host can never make a read-only
-# mount writable.
-options_ok(p, m) if {
-	is_array(m.options)
-	every o in p.options {
-		o in m.options
-	}
-	not writable_over_read_only(p, m)
-}
-
+# For the explanation of a denied mount; `mount_allowed` checks the same.
 writable_over_read_only(p, m) if {
 	"ro" in p.options
 	"rw" in m.options
