@@ -15,6 +15,7 @@ use capsa_tee::sim::{ReportRequest, SimPlatform};
 use clap::{Args, Parser, Subcommand};
 
 mod output;
+use output::outln;
 mod policy;
 
 #[derive(Parser)]
@@ -189,7 +190,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Evidence(EvidenceCommand::Show(args)) => {
             let bytes = read(&args.file)?;
             let rows = evidence::describe(args.tee, &bytes)?;
-            output::table(&rows);
+            output::table(&rows)?;
             Ok(())
         }
         Command::Sim(cmd) => sim(cmd),
@@ -228,7 +229,7 @@ fn verify(args: VerifyArgs) -> anyhow::Result<()> {
         );
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&claims)?);
+        outln!("{}", serde_json::to_string_pretty(&claims)?)?;
     } else {
         output::claims_table(&claims)?;
     }
@@ -240,8 +241,8 @@ fn sim(cmd: SimCommand) -> anyhow::Result<()> {
         SimCommand::Init(dir) => {
             let dir = dir.resolve()?;
             let platform = SimPlatform::init(&dir)?;
-            println!("sim platform ready in {}", platform.dir().display());
-            println!("  it has no hardware protection: use it for development, CI and demos only");
+            outln!("sim platform ready in {}", platform.dir().display())?;
+            outln!("  it has no hardware protection: use it for development, CI and demos only")?;
             Ok(())
         }
         SimCommand::Certs { out, dir } => {
@@ -249,7 +250,7 @@ fn sim(cmd: SimCommand) -> anyhow::Result<()> {
             std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
             output::write_atomic(&out.join("vcek.pem"), platform.vcek_pem().as_bytes())?;
             output::write_atomic(&out.join("chain.pem"), platform.chain_pem().as_bytes())?;
-            println!("wrote {0}/vcek.pem and {0}/chain.pem", out.display());
+            outln!("wrote {0}/vcek.pem and {0}/chain.pem", out.display())?;
             Ok(())
         }
         SimCommand::Report { measurement, host_data, report_data, policy_debug, out, dir } => {
@@ -263,7 +264,7 @@ fn sim(cmd: SimCommand) -> anyhow::Result<()> {
             let platform = SimPlatform::load(&dir.resolve()?)?;
             let report = platform.report(&request)?;
             output::write_atomic(&out, &report)?;
-            println!("wrote sim report ({} bytes) to {}", report.len(), out.display());
+            outln!("wrote sim report ({} bytes) to {}", report.len(), out.display())?;
             Ok(())
         }
     }

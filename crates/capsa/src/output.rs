@@ -7,12 +7,34 @@ use std::path::Path;
 use anyhow::Context as _;
 use capsa_tee::Claims;
 
+/// Writes to stdout. A reader that stops early (`capsa ... | head`, `grep -q`)
+/// closes the pipe: that ends the output quietly instead of a panic.
+pub fn write_stdout(args: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+    match std::io::stdout().lock().write_fmt(args) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.map_err(Into::into),
+    }
+}
+
+/// `print!` that tolerates a closed pipe; evaluates to `anyhow::Result<()>`.
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::output::write_stdout(format_args!($($arg)*)) };
+}
+
+/// `println!` that tolerates a closed pipe; evaluates to `anyhow::Result<()>`.
+macro_rules! outln {
+    ($($arg:tt)*) => { $crate::output::write_stdout(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+pub(crate) use {out, outln};
+
 /// Prints (name, value) rows with aligned names.
-pub fn table(rows: &[(String, String)]) {
+pub fn table(rows: &[(String, String)]) -> anyhow::Result<()> {
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     for (k, v) in rows {
-        println!("{k:<width$}  {v}");
+        outln!("{k:<width$}  {v}")?;
     }
+    Ok(())
 }
 
 /// Prints claims as a table, one claim per line, in the order serialised.
@@ -20,8 +42,7 @@ pub fn claims_table(claims: &Claims) -> anyhow::Result<()> {
     let value = serde_json::to_value(claims)?;
     let mut rows = Vec::new();
     flatten("", &value, &mut rows);
-    table(&rows);
-    Ok(())
+    table(&rows)
 }
 
 fn flatten(prefix: &str, value: &serde_json::Value, rows: &mut Vec<(String, String)>) {

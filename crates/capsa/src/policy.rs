@@ -12,6 +12,7 @@ use capsa_policy::generate::settings::Settings;
 use capsa_policy::generate::{ImageFacts, ImageResolver, InputKind, Options};
 use clap::{Args, Subcommand, ValueEnum};
 
+use crate::output::{out, outln};
 use crate::{Refused, UsageError, output, read};
 
 #[derive(Subcommand)]
@@ -194,12 +195,12 @@ fn gen_policy(args: GenArgs) -> anyhow::Result<()> {
     }
     if args.print {
         for w in &generated.workloads {
-            print!("{}", w.document.rego());
+            out!("{}", w.document.rego())?;
         }
     } else if let Some(path) = &args.out {
         output::write_atomic(path, generated.annotated.as_bytes())?;
     } else {
-        print!("{}", generated.annotated);
+        out!("{}", generated.annotated)?;
     }
     let mut stderr = std::io::stderr();
     for w in &generated.workloads {
@@ -221,9 +222,9 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
         Engine::from_document(document.rego()).map_err(|e| UsageError(format!("{}: {e}", args.policy.display())))?;
     let decision = engine.decide_json(&request);
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&decision)?);
+        outln!("{}", serde_json::to_string_pretty(&decision)?)?;
     } else {
-        print!("{decision}");
+        out!("{decision}")?;
     }
     if decision.allowed { Ok(()) } else { Err(Refused("request denied by the policy".into()).into()) }
 }
@@ -233,10 +234,10 @@ fn diff(args: DiffArgs) -> anyhow::Result<()> {
     let new = load_document(&args.new)?.data().map_err(|e| UsageError(format!("{}: {e}", args.new.display())))?;
     let changes = capsa_policy::diff::diff(&old, &new);
     if changes.is_empty() {
-        println!("no changes");
+        outln!("no changes")?;
     }
     for change in changes {
-        println!("{}", change.to_string().trim_end());
+        outln!("{}", change.to_string().trim_end())?;
     }
     Ok(())
 }
@@ -256,6 +257,6 @@ pub fn verity(args: VerityArgs) -> anyhow::Result<()> {
             args.file.display()
         );
     }
-    println!("{}", hex::encode(root));
+    outln!("{}", hex::encode(root))?;
     Ok(())
 }

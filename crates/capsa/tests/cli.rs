@@ -510,3 +510,21 @@ fn verity_root_hash_equals_veritysetup() {
     let o = capsa(&["verity", "/nonexistent"]);
     assert_exit(&o, 2);
 }
+
+#[test]
+fn a_reader_that_stops_early_does_not_make_capsa_panic() {
+    use std::io::Read as _;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_capsa"))
+        .args(["evidence", "show", &evidence("snp/milan-v2-report.bin"), "--tee", "snp"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close our end of stdout at once, as `grep -q` or `head -1` would.
+    drop(child.stdout.take());
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(status.code(), Some(0), "{err}");
+}
