@@ -181,6 +181,8 @@ fn generation(dir: &Path) -> Result<u64, AttestError> {
 }
 
 impl Attester for ConfigFsTsmAttester {
+    /// TDX, the provider this interface exists for; an SNP guest that
+    /// routes reports here yields evidence whose own `kind` says `Snp`.
     fn kind(&self) -> EvidenceKind {
         EvidenceKind::Tdx
     }

@@ -29,6 +29,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::claims::{AttestationType, Claims, SgxClaims, TcbAppraisal, TdxClaims, TeeClaims};
+use crate::encoding::rfc3339;
 
 /// Which DCAP evidence a caller expects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -669,10 +670,6 @@ fn appraise_sgx(report: &EnclaveReport, tcb: TcbAppraisal, appraisal: &DcapAppra
             tcb,
         }),
     })
-}
-
-fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&Rfc3339).unwrap_or_else(|_| t.to_string())
 }
 
 // ---------------------------------------------------------------------------

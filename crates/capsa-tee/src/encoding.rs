@@ -97,6 +97,12 @@ pub fn pem(label: &str, der: &[u8]) -> String {
     out
 }
 
+/// Formats an instant as RFC 3339 for messages (the `Display` form if it
+/// cannot be, which only happens for years outside 0..=9999).
+pub(crate) fn rfc3339(at: time::OffsetDateTime) -> String {
+    at.format(&time::format_description::well_known::Rfc3339).unwrap_or_else(|_| at.to_string())
+}
+
 /// Parses a hex argument of an exact length, saying what is wrong.
 pub fn hex_exact<const N: usize>(what: &str, text: &str) -> Result<[u8; N], String> {
     let bytes = hex::decode(text.trim()).map_err(|e| format!("{what} is not hex: {e}"))?;

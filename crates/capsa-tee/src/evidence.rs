@@ -127,11 +127,7 @@ pub fn verify(inputs: &Inputs<'_>, policy: &Policy) -> Result<Claims, EvidenceEr
             Ok(chain.verify_report(&evidence, &policy.snp)?.into_claims())
         }
         Tee::AzSnpVtpm => {
-            let az = if evidence.trim_ascii_start().starts_with(b"{") {
-                AzureEvidence::from_json(&evidence)?
-            } else {
-                AzureEvidence::from_hcl_report(&evidence)?
-            };
+            let az = azure_evidence(&evidence)?;
             let endorsement = match (inputs.vcek, az.vcek_der()) {
                 (Some(given), _) => endorsement(given)?,
                 (None, Some(der)) => endorsement(der)?,
@@ -163,13 +159,18 @@ pub fn describe(tee: Tee, evidence: &[u8]) -> Result<Vec<(String, String)>, Evid
         Tee::Snp => Ok(Report::parse(&evidence).map_err(SnpError::from)?.describe(None)),
         Tee::Tdx | Tee::Sgx => Ok(crate::dcap::describe_quote(&evidence)?),
         Tee::AzSnpVtpm => {
-            let az = if evidence.trim_ascii_start().starts_with(b"{") {
-                AzureEvidence::from_json(&evidence)?
-            } else {
-                AzureEvidence::from_hcl_report(&evidence)?
-            };
+            let az = azure_evidence(&evidence)?;
             Ok(crate::azure::describe(&az))
         }
+    }
+}
+
+/// Azure evidence arrives as the self-contained JSON or as a bare HCL report.
+fn azure_evidence(bytes: &[u8]) -> Result<AzureEvidence, AzureError> {
+    if bytes.trim_ascii_start().starts_with(b"{") {
+        AzureEvidence::from_json(bytes)
+    } else {
+        AzureEvidence::from_hcl_report(bytes)
     }
 }
 

@@ -107,19 +107,26 @@ pub struct VerityArgs {
     salt: Option<String>,
 }
 
-/// Adapts capsa-oci's resolver to what policy generation asks.
+/// Adapts capsa-oci's resolver to what policy generation asks. Pods name
+/// the same image in several containers (init containers, sidecars); each
+/// reference is resolved once per run, so the registry is asked once and
+/// every container is pinned to the same digest.
 struct OciResolver {
     source: ImageSource,
     options: ResolveOptions,
+    resolved: std::collections::HashMap<String, ImageFacts>,
 }
 
 impl ImageResolver for OciResolver {
     fn resolve(&mut self, reference: &str) -> Result<ImageFacts, String> {
+        if let Some(facts) = self.resolved.get(reference) {
+            return Ok(facts.clone());
+        }
         let image = resolve_blocking(reference, &self.source, &self.options).map_err(|e| e.to_string())?;
         if let ManifestOrigin::Cache(reason) = &image.report.origin {
             let _ = writeln!(std::io::stderr(), "capsa: {reference}: using the cached resolution ({reason:?})");
         }
-        Ok(ImageFacts {
+        let facts = ImageFacts {
             manifest_digest: image.manifest_digest,
             diff_ids: image.layers.into_iter().map(|l| l.diff_id).collect(),
             entrypoint: image.config.entrypoint,
@@ -127,7 +134,9 @@ impl ImageResolver for OciResolver {
             env: image.config.env,
             working_dir: image.config.working_dir,
             user: image.config.user,
-        })
+        };
+        self.resolved.insert(reference.to_owned(), facts.clone());
+        Ok(facts)
     }
 }
 
@@ -170,7 +179,7 @@ fn gen_policy(args: GenArgs) -> anyhow::Result<()> {
         offline: args.offline,
         ..ResolveOptions::default()
     };
-    let mut resolver = OciResolver { source, options };
+    let mut resolver = OciResolver { source, options, resolved: Default::default() };
     let origin = args.input.display().to_string();
     let generated = capsa_policy::generate::generate(
         kind,

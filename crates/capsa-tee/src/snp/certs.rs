@@ -17,6 +17,7 @@ use x509_cert::Certificate;
 use x509_cert::name::Name;
 
 use super::Product;
+use crate::encoding::rfc3339;
 
 /// Why a certificate cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -425,11 +426,6 @@ fn to_datetime(since_epoch: std::time::Duration) -> OffsetDateTime {
         .ok()
         .and_then(|s| OffsetDateTime::from_unix_timestamp(s).ok())
         .unwrap_or(OffsetDateTime::UNIX_EPOCH)
-}
-
-/// Formats an instant as RFC 3339 for messages.
-pub(crate) fn rfc3339(at: OffsetDateTime) -> String {
-    at.format(&time::format_description::well_known::Rfc3339).unwrap_or_else(|_| at.to_string())
 }
 
 /// Extracts the DER of every CERTIFICATE block of a PEM document.

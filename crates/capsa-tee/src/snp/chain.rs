@@ -333,9 +333,8 @@ impl Verifier {
 
 /// Parses a certificate given as DER or PEM.
 fn parse_any(role: &'static str, bytes: &[u8]) -> Result<AmdCert, CertError> {
-    if bytes.starts_with(b"-----")
-        || bytes.iter().take(64).all(|b| b.is_ascii()) && bytes.windows(5).any(|w| w == b"-----")
-    {
+    // DER starts with a SEQUENCE tag (0x30), never with text.
+    if bytes.trim_ascii_start().starts_with(b"-----BEGIN") {
         AmdCert::from_pem(role, bytes)
     } else {
         AmdCert::from_der(role, bytes)
