@@ -1,0 +1,214 @@
+//! The server's two token issuers and their signing keys.
+//!
+//! Tokens for hardware evidence are signed under the production issuer
+//! (`iss` = the configured URL) and published at `/certs`. Tokens for sim
+//! evidence are signed with a different key ring under `<issuer>/sim` and
+//! published only at `/sim/certs`: a relying party (or a release policy
+//! whose `authority` names the production issuer) that trusts the
+//! production keys can never accept a sim token, whatever its claims say.
+//!
+//! Both rings live sealed in the store; rotation keeps a retired key
+//! published until every token it signed has expired.
+
+use std::sync::RwLock;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use zeroize::Zeroizing;
+
+use crate::store::{self, Store, StoreError, StoreOpError, WriteError};
+use crate::token::{self, Jwks, KeyRecord, KeyRing, SigningKey, TokenError};
+
+/// Which of the two issuers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Which {
+    /// Hardware evidence.
+    Production,
+    /// The sim platform's evidence.
+    Sim,
+}
+
+impl Which {
+    fn secret_name(self) -> &'static str {
+        match self {
+            Self::Production => "signing/production",
+            Self::Sim => "signing/sim",
+        }
+    }
+}
+
+/// Why signing or key management failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IssuerError {
+    /// A token operation failed.
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The stored ring is unreadable.
+    #[error("the stored signing keys are unreadable: {0}")]
+    Corrupt(String),
+}
+
+impl From<StoreOpError> for IssuerError {
+    fn from(e: StoreOpError) -> Self {
+        match e {
+            StoreOpError::Store(e) => Self::Store(e),
+            StoreOpError::Rejected(r) => Self::Corrupt(r.0.to_string()),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoredKey {
+    record: KeyRecord,
+    pkcs8: String,
+}
+
+/// The production and sim issuers.
+#[derive(Debug)]
+pub struct Issuers {
+    url: String,
+    lifetime: i64,
+    production: RwLock<KeyRing>,
+    sim: RwLock<KeyRing>,
+}
+
+impl Issuers {
+    /// Loads both rings, creating (and storing) a first key for a ring
+    /// that does not exist yet.
+    pub async fn load(store: &Store, url: String, lifetime: i64) -> Result<Self, IssuerError> {
+        let production = load_ring(store, Which::Production).await?;
+        let sim = load_ring(store, Which::Sim).await?;
+        Ok(Self { url, lifetime, production: RwLock::new(production), sim: RwLock::new(sim) })
+    }
+
+    /// The `iss` of one issuer.
+    pub fn url(&self, which: Which) -> String {
+        match which {
+            Which::Production => self.url.clone(),
+            Which::Sim => format!("{}/sim", self.url),
+        }
+    }
+
+    /// Token lifetime in seconds.
+    pub fn lifetime(&self) -> i64 {
+        self.lifetime
+    }
+
+    fn ring(&self, which: Which) -> &RwLock<KeyRing> {
+        match which {
+            Which::Production => &self.production,
+            Which::Sim => &self.sim,
+        }
+    }
+
+    /// A token with the standard claims and `claims`.
+    pub fn issue(&self, which: Which, claims: Map<String, Value>) -> Result<String, IssuerError> {
+        let now = store::now_unix();
+        let mut all = token::standard_claims(&self.url(which), now, self.lifetime)?;
+        for (k, v) in claims {
+            // The standard claims are the issuer's; evidence cannot set them.
+            all.entry(k).or_insert(v);
+        }
+        let ring = self.ring(which).read().map_err(|_| IssuerError::Corrupt("lock poisoned".into()))?;
+        Ok(token::sign(ring.active(), &all)?)
+    }
+
+    /// A compact JWS of `payload` signed by the production issuer's active
+    /// key (release responses).
+    pub fn sign_payload(&self, payload: &Value) -> Result<String, IssuerError> {
+        let ring = self.production.read().map_err(|_| IssuerError::Corrupt("lock poisoned".into()))?;
+        Ok(token::sign_payload_json(ring.active(), payload)?)
+    }
+
+    /// The keys to publish for one issuer.
+    pub fn jwks(&self, which: Which) -> Jwks {
+        match self.ring(which).read() {
+            Ok(ring) => ring.jwks(store::now_unix(), self.lifetime),
+            Err(_) => Jwks { keys: Vec::new() },
+        }
+    }
+
+    /// Rotates one issuer's key: a new key signs from now on; the old one
+    /// stays published for a token lifetime. Durable before it takes effect.
+    pub async fn rotate(&self, store: &Store, which: Which, actor: String) -> Result<String, IssuerError> {
+        let now = store::now_unix();
+        let new_key = SigningKey::generate(now)?;
+        let kid = new_key.kid().to_owned();
+        let stored = {
+            let ring = self.ring(which).read().map_err(|_| IssuerError::Corrupt("lock poisoned".into()))?;
+            let mut records = serialize_ring(&ring)?;
+            if let Some(last) = records.last_mut() {
+                last.record.retired_at = Some(now);
+            }
+            records.retain(|k| k.record.retired_at.is_none_or(|r| r + self.lifetime > now));
+            records.push(StoredKey {
+                record: KeyRecord { kid: kid.clone(), created_at: now, retired_at: None },
+                pkcs8: URL_SAFE_NO_PAD.encode(new_key.pkcs8().as_slice()),
+            });
+            Zeroizing::new(serde_json::to_vec(&records).map_err(|e| IssuerError::Corrupt(e.to_string()))?)
+        };
+        let name = which.secret_name();
+        let subject = self.url(which);
+        let audit_kid = kid.clone();
+        store
+            .write(move |ctx| {
+                store::put_secret(ctx, name, &stored)?;
+                ctx.audit(crate::audit::Event {
+                    actor,
+                    action: "signing-key.rotate",
+                    subject,
+                    outcome: "done",
+                    detail: serde_json::json!({ "kid": audit_kid }),
+                })?;
+                Ok::<(), WriteError>(())
+            })
+            .await?;
+        let mut ring = self.ring(which).write().map_err(|_| IssuerError::Corrupt("lock poisoned".into()))?;
+        ring.rotate(new_key, now)?;
+        ring.prune(now, self.lifetime);
+        Ok(kid)
+    }
+}
+
+fn serialize_ring(ring: &KeyRing) -> Result<Vec<StoredKey>, IssuerError> {
+    ring.records()
+        .into_iter()
+        .map(|record| {
+            let key = ring.get(&record.kid).ok_or_else(|| IssuerError::Corrupt("a ring key vanished".into()))?;
+            Ok(StoredKey { pkcs8: URL_SAFE_NO_PAD.encode(key.pkcs8().as_slice()), record })
+        })
+        .collect()
+}
+
+async fn load_ring(store: &Store, which: Which) -> Result<KeyRing, IssuerError> {
+    let name = which.secret_name();
+    if let Some(bytes) = store.secret("signing keys", name)? {
+        let stored: Vec<StoredKey> = serde_json::from_slice(&bytes).map_err(|e| IssuerError::Corrupt(e.to_string()))?;
+        let parts = stored
+            .into_iter()
+            .map(|k| {
+                let der = URL_SAFE_NO_PAD.decode(&k.pkcs8).map_err(|e| IssuerError::Corrupt(e.to_string()))?;
+                Ok((k.record, Zeroizing::new(der)))
+            })
+            .collect::<Result<Vec<_>, IssuerError>>()?;
+        return Ok(KeyRing::from_parts(parts)?);
+    }
+    let key = SigningKey::generate(store::now_unix())?;
+    let ring = KeyRing::new(key);
+    let bytes =
+        Zeroizing::new(serde_json::to_vec(&serialize_ring(&ring)?).map_err(|e| IssuerError::Corrupt(e.to_string()))?);
+    store
+        .write(move |ctx| {
+            store::put_secret(ctx, name, &bytes)?;
+            Ok::<(), WriteError>(())
+        })
+        .await?;
+    Ok(ring)
+}
