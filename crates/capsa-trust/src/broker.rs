@@ -96,9 +96,13 @@ impl KeyKind {
 pub struct CreateKey {
     /// The key's name: 1-127 of `A-Z a-z 0-9 -`.
     pub name: String,
-    /// What it holds.
-    #[serde(flatten)]
-    pub kind: KeyKind,
+    /// `oct`, `RSA`, `EC` or `secret`.
+    pub kty: String,
+    /// Bits of an `oct` (128, 192, 256; default 256) or `RSA` key (2048,
+    /// 3072, 4096; default 2048).
+    pub bits: Option<u16>,
+    /// The curve of an `EC` key (default P-256).
+    pub crv: Option<Curve>,
     /// The release policy (Azure Key Vault grammar).
     pub release_policy: Value,
     /// Whether the policy can never be changed.
@@ -107,6 +111,24 @@ pub struct CreateKey {
     /// base64url material to import: raw bytes for `oct` and `secret`,
     /// PKCS#8 DER for `RSA` and `EC`. Generated when absent.
     pub value: Option<String>,
+}
+
+impl CreateKey {
+    /// The kind the fields describe, or what is wrong with them.
+    pub fn kind(&self) -> Result<KeyKind, BrokerError> {
+        let unexpected = |field: &str| bad(format!("{field} does not apply to kty {}", self.kty));
+        Ok(match self.kty.as_str() {
+            "oct" if self.crv.is_some() => return Err(unexpected("crv")),
+            "oct" => KeyKind::Oct { bits: self.bits.unwrap_or(256) },
+            "RSA" if self.crv.is_some() => return Err(unexpected("crv")),
+            "RSA" => KeyKind::Rsa { bits: self.bits.unwrap_or(2048) },
+            "EC" if self.bits.is_some() => return Err(unexpected("bits")),
+            "EC" => KeyKind::Ec { crv: self.crv.unwrap_or(Curve::P256) },
+            "secret" if self.bits.is_some() || self.crv.is_some() => return Err(unexpected("bits and crv")),
+            "secret" => KeyKind::Secret,
+            other => return Err(bad(format!("kty {other:?}: expected oct, RSA, EC or secret"))),
+        })
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -246,6 +268,7 @@ pub struct Broker {
     issuers: Arc<Issuers>,
     external: Vec<ExternalIssuer>,
     allow_sim: bool,
+    cpu: Arc<tokio::sync::Semaphore>,
 }
 
 fn valid_name(name: &str) -> bool {
@@ -265,6 +288,9 @@ fn material(kind: KeyKind, value: Option<&str>) -> Result<Zeroizing<Vec<u8>>, Br
             URL_SAFE_NO_PAD.decode(value.trim_end_matches('=')).map_err(|_| bad("value must be base64url"))?,
         );
         match kind {
+            KeyKind::Oct { bits } if ![128, 192, 256].contains(&bits) => {
+                return Err(bad(format!("oct keys have 128, 192 or 256 bits, not {bits}")));
+            }
             KeyKind::Oct { bits } if bytes.len() * 8 != usize::from(bits) => {
                 return Err(bad(format!("an oct key of {bits} bits needs {} bytes, got {}", bits / 8, bytes.len())));
             }
@@ -416,8 +442,14 @@ fn admin_event(actor: &str, action: &'static str, subject: String, detail: Value
 
 impl Broker {
     /// Over `store`, signing release answers with `issuers`' production key.
-    pub fn new(store: Store, issuers: Arc<Issuers>, external: Vec<ExternalIssuer>, allow_sim: bool) -> Self {
-        Self { store, issuers, external, allow_sim }
+    pub fn new(
+        store: Store,
+        issuers: Arc<Issuers>,
+        external: Vec<ExternalIssuer>,
+        allow_sim: bool,
+        cpu: Arc<tokio::sync::Semaphore>,
+    ) -> Self {
+        Self { store, issuers, external, allow_sim, cpu }
     }
 
     /// Creates (generates or imports) a key.
@@ -425,12 +457,13 @@ impl Broker {
         if !valid_name(&request.name) {
             return Err(bad("a key name is 1 to 127 characters of A-Z, a-z, 0-9 and -"));
         }
+        let kind = request.kind()?;
         let policy = parse_policy(&request.release_policy)?;
-        let material = material(request.kind, request.value.as_deref())?;
+        let material = material(kind, request.value.as_deref())?;
         let now = store::now_unix();
         let record = KeyRecord {
             name: request.name.clone(),
-            kind: request.kind,
+            kind,
             created: now,
             updated: now,
             enabled: true,
@@ -455,7 +488,7 @@ impl Broker {
                     &actor,
                     if imported { "key.import" } else { "key.create" },
                     record.name.clone(),
-                    json!({"kty": record.kind, "version": record.versions.last().map(|v| v.id.clone()), "immutable": record.immutable}),
+                    json!({"kind": record.kind, "version": record.versions.last().map(|v| v.id.clone()), "immutable": record.immutable}),
                 ))?;
                 Ok(info(&record))
             })
@@ -625,7 +658,13 @@ impl Broker {
             Some(v) => format!("{name}/{v}"),
             None => name.to_owned(),
         };
-        match self.try_release(name, version, target) {
+        let decided = {
+            // Fair (FIFO) access to the CPU for the verify-and-sign work:
+            // see `server::cpu_gate`.
+            let _permit = self.cpu.acquire().await.map_err(|_| BrokerError::Store(StoreError::Closed))?;
+            self.try_release(name, version, target)
+        };
+        match decided {
             Ok((response, detail)) => {
                 let audit_subject = subject.clone();
                 self.store

@@ -9,6 +9,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
+pub use reqwest::Method;
+
 use crate::attestation::EvidenceKind;
 use crate::broker::{KeyInfo, ReleaseResponse};
 use crate::token::{self, Jwks};
@@ -241,4 +243,55 @@ pub fn report_data_for(runtime: &Value, nonce: Option<&str>) -> Result<[u8; 64],
         second.copy_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &bytes).as_ref());
     }
     Ok(out)
+}
+
+/// The workload's key pair that released keys are wrapped to (RSA-2048),
+/// kept as PKCS#8 in a file only its owner can read.
+pub struct RuntimeKey(PrivateDecryptingKey);
+
+impl std::fmt::Debug for RuntimeKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RuntimeKey(..)")
+    }
+}
+
+impl RuntimeKey {
+    /// A new key.
+    pub fn generate() -> Result<Self, ClientError> {
+        wrap::generate_rsa_wrapping_key(2048).map(Self).map_err(|e| ClientError::Answer(e.to_string()))
+    }
+
+    /// Writes the private key (PKCS#8 DER) to `path` with mode 0600,
+    /// atomically.
+    pub fn save(&self, path: &std::path::Path) -> std::io::Result<()> {
+        use aws_lc_rs::encoding::AsDer as _;
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let der = self.0.as_der().map_err(|_| std::io::Error::other("cannot encode the runtime key"))?;
+        let tmp = path.with_extension("tmp");
+        let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        file.write_all(der.as_ref())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    }
+
+    /// Reads a key written by [`RuntimeKey::save`].
+    pub fn load(path: &std::path::Path) -> Result<Self, ClientError> {
+        let der = Zeroizing::new(
+            std::fs::read(path).map_err(|e| ClientError::Answer(format!("cannot read {}: {e}", path.display())))?,
+        );
+        PrivateDecryptingKey::from_pkcs8(&der)
+            .map(Self)
+            .map_err(|_| ClientError::Answer(format!("{} is not an RSA private key (PKCS#8 DER)", path.display())))
+    }
+
+    /// The private key.
+    pub fn private(&self) -> &PrivateDecryptingKey {
+        &self.0
+    }
+
+    /// The runtime data to attest: this key's public JWK in `keys`.
+    pub fn runtime_data(&self) -> Result<Value, ClientError> {
+        runtime_data_for(&self.0)
+    }
 }

@@ -101,6 +101,12 @@ impl Issuers {
         self.lifetime
     }
 
+    /// How long a retired key stays published: a token lifetime plus the
+    /// clock skew relying parties allow past `exp`.
+    fn published_for(&self) -> i64 {
+        self.lifetime.max(0) + crate::broker::LEEWAY_SECS
+    }
+
     fn ring(&self, which: Which) -> &RwLock<KeyRing> {
         match which {
             Which::Production => &self.production,
@@ -130,7 +136,7 @@ impl Issuers {
     /// The keys to publish for one issuer.
     pub fn jwks(&self, which: Which) -> Jwks {
         match self.ring(which).read() {
-            Ok(ring) => ring.jwks(store::now_unix(), self.lifetime),
+            Ok(ring) => ring.jwks(store::now_unix(), self.published_for()),
             Err(_) => Jwks { keys: Vec::new() },
         }
     }
@@ -147,7 +153,7 @@ impl Issuers {
             if let Some(last) = records.last_mut() {
                 last.record.retired_at = Some(now);
             }
-            records.retain(|k| k.record.retired_at.is_none_or(|r| r + self.lifetime > now));
+            records.retain(|k| k.record.retired_at.is_none_or(|r| r + self.published_for() > now));
             records.push(StoredKey {
                 record: KeyRecord { kid: kid.clone(), created_at: now, retired_at: None },
                 pkcs8: URL_SAFE_NO_PAD.encode(new_key.pkcs8().as_slice()),
@@ -172,7 +178,7 @@ impl Issuers {
             .await?;
         let mut ring = self.ring(which).write().map_err(|_| IssuerError::Corrupt("lock poisoned".into()))?;
         ring.rotate(new_key, now)?;
-        ring.prune(now, self.lifetime);
+        ring.prune(now, self.published_for());
         Ok(kid)
     }
 }

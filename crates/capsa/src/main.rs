@@ -17,6 +17,7 @@ use clap::{Args, Parser, Subcommand};
 mod output;
 use output::outln;
 mod policy;
+mod trust;
 
 #[derive(Parser)]
 #[command(name = "capsa", version, about = "Confidential containers: policies, sandboxes, attestation, key release")]
@@ -38,6 +39,9 @@ enum Command {
     Policy(policy::PolicyCommand),
     /// Print the dm-verity root hash of a file (as `veritysetup format` computes it).
     Verity(policy::VerityArgs),
+    /// The trust service: attestation, tokens, and a key broker with secure key release.
+    #[command(subcommand)]
+    Trust(trust::TrustCommand),
 }
 
 #[derive(Subcommand)]
@@ -196,6 +200,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sim(cmd) => sim(cmd),
         Command::Policy(cmd) => policy::run(cmd),
         Command::Verity(args) => policy::verity(args),
+        Command::Trust(cmd) => trust::run(cmd),
     }
 }
 
