@@ -71,6 +71,19 @@ impl Client {
         Ok(Self { base: base.trim_end_matches('/').to_owned(), http, admin_token: None })
     }
 
+    /// For a server whose HTTPS certificate chains to `ca_pem` (PEM) rather
+    /// than to a system root, such as a self-signed one.
+    pub fn with_ca(base: &str, ca_pem: &[u8]) -> Result<Self, ClientError> {
+        let unreachable = |reason: String| ClientError::Unreachable { url: base.to_owned(), reason };
+        let certs = reqwest::Certificate::from_pem_bundle(ca_pem).map_err(|e| unreachable(format!("CA file: {e}")))?;
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(30))
+            .tls_certs_only(certs)
+            .build()
+            .map_err(|e| unreachable(e.to_string()))?;
+        Ok(Self { base: base.trim_end_matches('/').to_owned(), http, admin_token: None })
+    }
+
     /// Sends this admin bearer token with admin calls.
     pub fn with_admin_token(mut self, token: impl Into<String>) -> Self {
         self.admin_token = Some(token.into());

@@ -29,5 +29,6 @@ pub mod release_policy;
 pub mod seal;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod token;
 pub mod wrap;

@@ -1366,6 +1366,18 @@ mod tests {
     }
 
     #[test]
+    fn canonical_round_trip_keeps_every_float_bit() {
+        // Found by fuzz/release_policy: without serde_json's correctly
+        // rounded float parsing, the canonical `4.111111e+44` read back one
+        // ulp below the value this integer literal parsed to.
+        let p = ReleasePolicy::parse(
+            in_all_of(r#"{"claim":"n","greaterOrEquals":411111100000000000000000002202393686278988686}"#).as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(ReleasePolicy::parse(p.to_json().to_string().as_bytes()).unwrap(), p);
+    }
+
+    #[test]
     fn parse_error_unknown_key() {
         assert_eq!(
             parse_err(r#"{"version":"1.0.0","anyOf":[],"extra":1}"#),

@@ -30,6 +30,7 @@ use crate::config::{Admin, Config, Role};
 use crate::issuer::{IssuerError, Issuers, Which};
 use crate::seal::{MasterKey, SealError};
 use crate::store::{Store, StoreError, StoreOpError};
+use crate::tls::{Peer, TlsError, TlsListener};
 use crate::token;
 
 /// How the server starts.
@@ -42,6 +43,8 @@ pub struct ServeOptions {
     pub listen: SocketAddr,
     /// Accept sim evidence (issued under `<issuer>/sim`).
     pub allow_sim: bool,
+    /// Serve HTTPS with this certificate chain and private key (PEM files).
+    pub tls: Option<(PathBuf, PathBuf)>,
     /// The configuration.
     pub config: Config,
 }
@@ -59,6 +62,9 @@ pub enum ServeError {
     /// The signing keys.
     #[error(transparent)]
     Issuer(#[from] IssuerError),
+    /// The TLS certificate or key.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// The listener or a file.
     #[error("{what}: {source}")]
     Io {
@@ -221,14 +227,21 @@ pub async fn serve(
         .await
         .map_err(|source| ServeError::Io { what: format!("cannot listen on {}", options.listen), source })?;
     let local = listener.local_addr().map_err(|source| ServeError::Io { what: "listener".into(), source })?;
-    let issuer = options.config.issuer.clone().unwrap_or_else(|| format!("http://{local}"));
+    let scheme = if options.tls.is_some() { "https" } else { "http" };
+    let issuer = options.config.issuer.clone().unwrap_or_else(|| format!("{scheme}://{local}"));
+    let acceptor = options.tls.as_ref().map(|(cert, key)| crate::tls::acceptor(cert, key)).transpose()?;
     let state = state(&options, issuer).await?;
     ready(local);
     let store = state.store.clone();
-    let result = axum::serve(listener, router(state).into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|source| ServeError::Io { what: "server".into(), source });
+    let app = router(state).into_make_service_with_connect_info::<Peer>();
+    let io = |source| ServeError::Io { what: "server".into(), source };
+    let result = match acceptor {
+        Some(acceptor) => {
+            let tls = TlsListener::new(listener, acceptor).map_err(io)?;
+            axum::serve(tls, app).with_graceful_shutdown(shutdown).await.map_err(io)
+        }
+        None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await.map_err(io),
+    };
     store.close();
     result
 }
@@ -375,7 +388,7 @@ struct AttestQuery {
 
 async fn attest(
     State(state): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
     UrlPath(kind): UrlPath<String>,
     Query(query): Query<AttestQuery>,
     body: axum::body::Bytes,
@@ -594,7 +607,7 @@ async fn do_release(
 
 async fn release(
     State(state): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
     UrlPath(name): UrlPath<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, ApiError> {
@@ -603,7 +616,7 @@ async fn release(
 
 async fn release_version(
     State(state): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
     UrlPath((name, version)): UrlPath<(String, String)>,
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, ApiError> {

@@ -38,6 +38,23 @@ fn sim() -> &'static SimPlatform {
     })
 }
 
+/// A self-signed certificate for 127.0.0.1, written as PEM files.
+struct TlsFiles {
+    ca_pem: Vec<u8>,
+    chain: std::path::PathBuf,
+    key: std::path::PathBuf,
+}
+
+impl TlsFiles {
+    fn write(dir: &std::path::Path) -> Self {
+        let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+        let (chain, key) = (dir.join("tls.pem"), dir.join("tls.key"));
+        std::fs::write(&chain, cert.cert.pem()).unwrap();
+        std::fs::write(&key, cert.signing_key.serialize_pem()).unwrap();
+        Self { ca_pem: cert.cert.pem().into_bytes(), chain, key }
+    }
+}
+
 /// A server on 127.0.0.1:0 with its own data directory; stops when dropped.
 struct Harness {
     _dir: TempDir,
@@ -60,10 +77,17 @@ impl Harness {
     }
 
     async fn start_in(dir: TempDir, allow_sim: bool, config: Config) -> Self {
+        Self::start_with_tls(dir, allow_sim, config, None).await
+    }
+
+    /// With `tls` (the CA's PEM and the server's chain and key files), the
+    /// server speaks HTTPS and the clients trust that CA alone.
+    async fn start_with_tls(dir: TempDir, allow_sim: bool, config: Config, tls: Option<TlsFiles>) -> Self {
         let options = ServeOptions {
             data_dir: dir.path().join("data"),
             listen: "127.0.0.1:0".parse().unwrap(),
             allow_sim,
+            tls: tls.as_ref().map(|t| (t.chain.clone(), t.key.clone())),
             config,
         };
         let (ready_tx, ready_rx) = oneshot::channel::<SocketAddr>();
@@ -81,15 +105,14 @@ impl Harness {
             Ok(addr) => addr,
             Err(_) => panic!("the server did not start: {:?}", task.await),
         };
-        let url = format!("http://{addr}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{addr}");
         let token = std::fs::read_to_string(dir.path().join("data").join(server::LOCAL_ADMIN_TOKEN_FILE)).unwrap();
-        Self {
-            client: Client::new(&url).unwrap(),
-            admin: Client::new(&url).unwrap().with_admin_token(token.trim()),
-            url,
-            _dir: dir,
-            _stop: stop,
-        }
+        let client = || match &tls {
+            Some(t) => Client::with_ca(&url, &t.ca_pem).unwrap(),
+            None => Client::new(&url).unwrap(),
+        };
+        Self { client: client(), admin: client().with_admin_token(token.trim()), url, _dir: dir, _stop: stop }
     }
 
     fn sim_issuer(&self) -> String {
@@ -472,4 +495,22 @@ async fn tokens_issued_before_a_signing_key_rotation_still_release() {
     let after = h.token(&guest, HOST_DATA).await;
     assert_eq!(header(&after)["kid"], json!(sim_keys.keys[0].kid));
     assert_ne!(header(&after)["kid"], json!(old_kid));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_https_the_whole_release_works_and_plain_http_is_not_answered() {
+    let dir = TempDir::new().unwrap();
+    let tls = TlsFiles::write(dir.path());
+    let h = Harness::start_with_tls(dir, true, Config::default(), Some(tls)).await;
+    assert!(h.url.starts_with("https://"), "{}", h.url);
+    let guest = Guest::new();
+    let host_data = [7u8; 32];
+    let key = [0x5a_u8; 32];
+    h.import("tls-key", oct(), &key, policy(&h.sim_issuer(), host_data)).await;
+    let token = h.token(&guest, host_data).await;
+    let released = h.client.release("tls-key", None, &token).await.unwrap();
+    let opened = client::open_release(&released, &h.client.jwks(false).await.unwrap(), &guest.key).unwrap();
+    assert_eq!(opened.material.as_slice(), key);
+    let plain = Client::new(&h.url.replace("https://", "http://")).unwrap();
+    assert!(plain.nonce().await.is_err());
 }

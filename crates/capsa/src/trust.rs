@@ -63,6 +63,12 @@ pub(crate) struct ServeArgs {
     /// Configuration file (TOML): issuer, attestation policies, external issuers, admins.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Serve HTTPS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -321,10 +327,20 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Some(path) => Config::load(path).map_err(|e| UsageError(e.to_string()))?,
         None => Config::default(),
     };
-    let options =
-        ServeOptions { data_dir: args.data_dir.clone(), listen: args.listen, allow_sim: args.allow_sim, config };
+    let options = ServeOptions {
+        data_dir: args.data_dir.clone(),
+        listen: args.listen,
+        allow_sim: args.allow_sim,
+        tls: match (args.tls_cert, args.tls_key) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => return Err(UsageError("--tls-cert and --tls-key go together".into()).into()),
+        },
+        config,
+    };
     let allow_sim = args.allow_sim;
     let data_dir = args.data_dir;
+    let scheme = if options.tls.is_some() { "https" } else { "http" };
     runtime()?.block_on(async move {
         let shutdown = async {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -336,7 +352,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         server::serve(
             options,
             move |addr| {
-                let _ = writeln!(std::io::stderr(), "capsa trust: listening on http://{addr} (data in {})", data_dir.display());
+                let _ = writeln!(std::io::stderr(), "capsa trust: listening on {scheme}://{addr} (data in {})", data_dir.display());
                 if allow_sim {
                     let _ = writeln!(
                         std::io::stderr(),
