@@ -652,6 +652,7 @@ impl Broker {
         name: &str,
         version: Option<&str>,
         target: &str,
+        nonce: Option<&str>,
         actor: String,
     ) -> Result<ReleaseResponse, BrokerError> {
         let subject = match version {
@@ -662,7 +663,7 @@ impl Broker {
             // Fair (FIFO) access to the CPU for the verify-and-sign work:
             // see `server::cpu_gate`.
             let _permit = self.cpu.acquire().await.map_err(|_| BrokerError::Store(StoreError::Closed))?;
-            self.try_release(name, version, target)
+            self.try_release(name, version, target, nonce)
         };
         match decided {
             Ok((response, detail)) => {
@@ -703,6 +704,7 @@ impl Broker {
         name: &str,
         version: Option<&str>,
         target: &str,
+        nonce: Option<&str>,
     ) -> Result<(ReleaseResponse, Value), BrokerError> {
         let record = self.get_record(name)?;
         if !record.enabled {
@@ -752,7 +754,9 @@ impl Broker {
         }
         let policy_json = serde_json::to_vec(&record.release_policy).map_err(|e| bad(e.to_string()))?;
         let payload = json!({
-            "request": {"api-version": "7.4", "enc": "CKM_RSA_AES_KEY_WRAP", "kid": kid},
+            // The caller's nonce, echoed under the service's signature, so
+            // that a relying party can tell this answer is fresh.
+            "request": {"api-version": "7.4", "enc": "CKM_RSA_AES_KEY_WRAP", "kid": kid, "nonce": nonce},
             "response": {"key": {
                 "key": Value::Object(key),
                 "attributes": {"enabled": true, "created": record.created, "updated": record.updated, "exportable": true, "recoveryLevel": "Purgeable"},

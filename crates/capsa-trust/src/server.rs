@@ -596,9 +596,16 @@ async fn do_release(
             format!("enc {enc:?} is not supported; use CKM_RSA_AES_KEY_WRAP"),
         ));
     }
-    let _ = request.nonce;
-    let result =
-        state.broker.release(&name, version.as_deref(), &request.target, format!("relying party {}", peer.ip())).await;
+    let result = state
+        .broker
+        .release(
+            &name,
+            version.as_deref(),
+            &request.target,
+            request.nonce.as_deref(),
+            format!("relying party {}", peer.ip()),
+        )
+        .await;
     let outcome = if result.is_ok() { "allowed" } else { "denied" };
     state.metrics.releases.get_or_create(&OutcomeLabels { outcome: outcome.to_owned() }).inc();
     state.metrics.observe("release", start);
