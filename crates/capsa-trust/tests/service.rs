@@ -514,3 +514,61 @@ async fn over_https_the_whole_release_works_and_plain_http_is_not_answered() {
     let plain = Client::new(&h.url.replace("https://", "http://")).unwrap();
     assert!(plain.nonce().await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_external_issuer_can_authorize_a_release() {
+    // Another attestation service (say, Azure's) whose keys are pinned in
+    // a JWKS file: its tokens release keys whose policy names it, and only
+    // those.
+    let dir = TempDir::new().unwrap();
+    let external = SigningKey::generate(0).unwrap();
+    let jwks = dir.path().join("external-jwks.json");
+    std::fs::write(&jwks, serde_json::to_vec(&json!({"keys": [external.public_jwk()]})).unwrap()).unwrap();
+    let config_file = dir.path().join("trust.toml");
+    let issuer = "https://attest.example.net";
+    std::fs::write(
+        &config_file,
+        format!("[[external_issuer]]\nissuer = \"{issuer}\"\njwks_file = \"{}\"\n", jwks.display()),
+    )
+    .unwrap();
+    let config = Config::load(&config_file).unwrap();
+    let h = Harness::start_in(dir, true, config).await;
+
+    let guest = Guest::new();
+    let mut claims = token::standard_claims(issuer, now(), 300).unwrap();
+    claims.insert("x-ms-attestation-type".into(), json!("sevsnpvm"));
+    claims.insert("x-ms-sevsnpvm-hostdata".into(), json!(hex::encode(HOST_DATA)));
+    claims.insert("x-ms-sevsnpvm-is-debuggable".into(), json!(false));
+    claims.insert("x-ms-runtime".into(), guest.runtime.clone());
+    let foreign = token::sign(&external, &claims).unwrap();
+
+    let mut by_external = policy(issuer, HOST_DATA);
+    by_external["anyOf"][0]["allOf"][0] = json!({"claim": "x-ms-attestation-type", "equals": "sevsnpvm"});
+    h.import("external", oct(), &[3; 32], by_external).await;
+    h.import("local", oct(), &[4; 32], policy(&h.url, HOST_DATA)).await;
+    let released = h.client.release("external", None, &foreign).await.unwrap();
+    let opened = client::open_release(&released, &h.client.jwks(false).await.unwrap(), &guest.key).unwrap();
+    assert_eq!(opened.material.as_slice(), [3; 32]);
+    refused(h.client.release("local", None, &foreign).await, 403, "AccessDenied", &[issuer]);
+    // An issuer that is not configured is not trusted at all.
+    claims.insert("iss".into(), json!("https://elsewhere.example.net"));
+    let stranger = token::sign(&external, &claims).unwrap();
+    refused(h.client.release("external", None, &stranger).await, 401, "InvalidToken", &["not one this server trusts"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_metrics_answer_and_count() {
+    let h = Harness::sim().await;
+    let guest = Guest::new();
+    h.token(&guest, HOST_DATA).await;
+    let http = reqwest::Client::new();
+    let health: Value = http.get(format!("{}/health", h.url)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(health, json!({"status": "ok"}));
+    let metrics = http.get(format!("{}/metrics", h.url)).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains(r#"capsa_trust_attestations_total{kind="SevSnpVm",outcome="allowed"} 1"#), "{metrics}");
+    assert!(metrics.contains("capsa_trust_request_seconds"), "{metrics}");
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}

@@ -144,9 +144,11 @@ pub(crate) struct ReleaseArgs {
     /// A file holding the token.
     #[arg(long)]
     token: PathBuf,
-    /// The runtime key the token's `x-ms-runtime.keys` names.
+    /// The runtime key the token's `x-ms-runtime.keys` names, to unwrap the
+    /// key with. Without it, the signed answer (`{"value": JWS}`) is printed
+    /// as it came, for the workload that holds the key to open.
     #[arg(long)]
-    runtime_key: PathBuf,
+    runtime_key: Option<PathBuf>,
     /// Write the key material here (mode 0600) instead of printing it as base64url.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -423,11 +425,19 @@ fn attest(args: AttestArgs) -> anyhow::Result<()> {
 
 fn release(args: ReleaseArgs) -> anyhow::Result<()> {
     let token = String::from_utf8(read(&args.token)?).map_err(|_| UsageError("the token file is not text".into()))?;
-    let key = RuntimeKey::load(&args.runtime_key).map_err(|e| UsageError(e.to_string()))?;
+    let key = args.runtime_key.as_deref().map(RuntimeKey::load).transpose().map_err(|e| UsageError(e.to_string()))?;
     let client = Client::new(&args.server.server)?;
     let rt = runtime()?;
     let response =
         rt.block_on(client.release(&args.key, args.version.as_deref(), token.trim())).map_err(client_error)?;
+    let Some(key) = key else {
+        let answer = serde_json::to_vec(&response)?;
+        match &args.out {
+            Some(out) => output::write_atomic(out, &answer)?,
+            None => outln!("{}", String::from_utf8_lossy(&answer))?,
+        }
+        return Ok(());
+    };
     let server_keys = rt.block_on(client.jwks(false)).map_err(client_error)?;
     let released = client::open_release(&response, &server_keys, key.private()).map_err(client_error)?;
     match &args.out {
