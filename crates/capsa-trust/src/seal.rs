@@ -94,6 +94,21 @@ impl MasterKey {
         }
     }
 
+    /// From the environment variable when it is set, otherwise from `path`,
+    /// which must exist: for tools that open an existing store.
+    pub fn load(path: &Path) -> Result<Self, SealError> {
+        if std::env::var_os(MASTER_KEY_ENV).is_none() && !path.exists() {
+            return Err(SealError::Io {
+                path: path.to_owned(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("no master key (and {MASTER_KEY_ENV} is not set)"),
+                ),
+            });
+        }
+        Self::load_or_create(path)
+    }
+
     fn create(path: &Path) -> Result<Self, SealError> {
         let mut key = Zeroizing::new([0u8; 32]);
         SystemRandom::new().fill(key.as_mut()).map_err(|_| SealError::Random)?;

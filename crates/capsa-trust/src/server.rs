@@ -689,13 +689,13 @@ async fn audit_verify(State(state): State<Arc<AppState>>, headers: HeaderMap) ->
 /// master key. The outer error: the store could not be opened; the inner:
 /// what is wrong with the log.
 pub fn verify_audit_offline(data_dir: &Path) -> Result<Result<audit::Verified, audit::AuditError>, ServeError> {
-    let master = MasterKey::load_or_create(&data_dir.join("master.key"))?;
     if !data_dir.join("trust.redb").exists() {
         return Err(ServeError::Io {
             what: data_dir.display().to_string(),
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "no trust store here (trust.redb)"),
         });
     }
+    let master = MasterKey::load(&data_dir.join("master.key"))?;
     let store = Store::open(data_dir, &master)?;
     let result = audit::verify(store.db(), store.audit_key());
     store.close();
