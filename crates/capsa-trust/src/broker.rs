@@ -506,7 +506,13 @@ impl Broker {
             material: Zeroizing::new(URL_SAFE_NO_PAD.encode(material.as_slice())),
         };
         let name = name.to_owned();
+        let kind = current.kind;
         self.modify(name.clone(), actor, "key.rotate", move |record| {
+            // The material was made for the kind read before this write; a
+            // key deleted and created again in between may be another kind.
+            if record.kind != kind {
+                return Err(BrokerError::BadRequest(format!("key {name:?} changed while it was rotated; try again")));
+            }
             let id = version.id.clone();
             record.versions.push(version);
             Ok(json!({"version": id}))

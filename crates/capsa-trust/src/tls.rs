@@ -20,6 +20,9 @@ use tokio_rustls::server::TlsStream;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshaken connections waiting to be served.
 const BACKLOG: usize = 1024;
+/// Handshakes in progress at once; connections beyond are closed at once,
+/// so a flood of idle connections cannot pile up tasks and memory.
+const MAX_HANDSHAKES: usize = 1024;
 
 /// Why TLS could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +74,7 @@ impl TlsListener {
     pub fn new(tcp: TcpListener, acceptor: TlsAcceptor) -> std::io::Result<Self> {
         let local = tcp.local_addr()?;
         let (tx, ready) = mpsc::channel(BACKLOG);
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         tokio::spawn(async move {
             loop {
                 let (stream, peer) = match tcp.accept().await {
@@ -81,8 +85,13 @@ impl TlsListener {
                         continue;
                     }
                 };
+                let Ok(permit) = Arc::clone(&handshakes).try_acquire_owned() else {
+                    tracing::warn!("{MAX_HANDSHAKES} TLS handshakes in progress: closing the connection from {peer}");
+                    continue;
+                };
                 let (acceptor, handshaken) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
+                    let _permit = permit;
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => {
                             let _ = handshaken.send((tls, peer)).await;
