@@ -340,6 +340,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         config,
     };
+    if options.config.issuer.is_none() && options.listen.ip().is_unspecified() {
+        let _ = writeln!(
+            std::io::stderr(),
+            "capsa trust: warning: listening on {} with no `issuer` in the config: tokens will name http(s)://{} as their issuer, which relying parties cannot reach; set issuer = \"https://<public name>\"",
+            options.listen,
+            options.listen
+        );
+    }
     let allow_sim = args.allow_sim;
     let data_dir = args.data_dir;
     let scheme = if options.tls.is_some() { "https" } else { "http" };
