@@ -1,0 +1,188 @@
+//! Which kernel modules the guest loads, and in what order.
+//!
+//! The guest's agent loads its modules itself (there is no modprobe in the
+//! initramfs), so the order is worked out here, on the host, from the
+//! kernel's own `modules.dep` and `modules.builtin`: every module after the
+//! modules it depends on, each once, and nothing for what is built in.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Why the module set could not be worked out.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ModulesError {
+    /// A line of `modules.dep` is not `path: [dep ...]`.
+    #[error("modules.dep line {line}: {reason}")]
+    Parse {
+        /// 1-based.
+        line: usize,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A wanted module (or a dependency) is neither a module nor built in.
+    #[error("kernel module {name} is neither in modules.dep nor built in: is this the kernel the guest boots?")]
+    Unknown {
+        /// Its name.
+        name: String,
+    },
+    /// Dependencies loop.
+    #[error("kernel modules depend on each other in a loop through {name}")]
+    Cycle {
+        /// A module on the loop.
+        name: String,
+    },
+}
+
+/// A module to load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Module {
+    /// Its name (`virtio_blk`), with `-` written `_` as the kernel does.
+    pub name: String,
+    /// Its file, relative to `/lib/modules/<release>/` (`kernel/.../x.ko.xz`).
+    pub path: String,
+}
+
+/// The kernel's module index.
+#[derive(Debug, Clone, Default)]
+pub struct ModuleIndex {
+    modules: BTreeMap<String, (String, Vec<String>)>,
+    builtin: BTreeSet<String>,
+}
+
+/// A module's name from its path: the file name up to `.ko`, `-` as `_`.
+pub fn name_of(path: &str) -> String {
+    let file = path.rsplit('/').next().unwrap_or(path);
+    let stem = file.split(".ko").next().unwrap_or(file);
+    stem.replace('-', "_")
+}
+
+impl ModuleIndex {
+    /// From the text of `modules.dep` and of `modules.builtin` (one path per
+    /// line; empty if unknown).
+    pub fn parse(modules_dep: &str, modules_builtin: &str) -> Result<Self, ModulesError> {
+        let mut modules = BTreeMap::new();
+        for (i, line) in modules_dep.lines().enumerate() {
+            let line_no = i + 1;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let (path, deps) = line
+                .split_once(':')
+                .ok_or_else(|| ModulesError::Parse { line: line_no, reason: "no `:` after the module path".into() })?;
+            let path = path.trim();
+            if !path.contains(".ko") {
+                return Err(ModulesError::Parse { line: line_no, reason: format!("{path:?} is not a module file") });
+            }
+            let deps = deps.split_whitespace().map(name_of).collect();
+            if modules.insert(name_of(path), (path.to_owned(), deps)).is_some() {
+                return Err(ModulesError::Parse {
+                    line: line_no,
+                    reason: format!("module {} listed twice", name_of(path)),
+                });
+            }
+        }
+        let builtin = modules_builtin.lines().filter(|l| !l.trim().is_empty()).map(|l| name_of(l.trim())).collect();
+        Ok(Self { modules, builtin })
+    }
+
+    /// `wanted` and everything they need, dependencies first, each once;
+    /// built-in modules are left out (there is nothing to load).
+    pub fn load_order(&self, wanted: &[&str]) -> Result<Vec<Module>, ModulesError> {
+        let mut order = Vec::new();
+        let mut done = BTreeSet::new();
+        for name in wanted {
+            self.visit(&name.replace('-', "_"), &mut Vec::new(), &mut done, &mut order)?;
+        }
+        Ok(order)
+    }
+
+    fn visit(
+        &self,
+        name: &str,
+        path: &mut Vec<String>,
+        done: &mut BTreeSet<String>,
+        order: &mut Vec<Module>,
+    ) -> Result<(), ModulesError> {
+        if done.contains(name) {
+            return Ok(());
+        }
+        if path.iter().any(|p| p == name) {
+            return Err(ModulesError::Cycle { name: name.to_owned() });
+        }
+        let Some((file, deps)) = self.modules.get(name) else {
+            if self.builtin.contains(name) {
+                done.insert(name.to_owned());
+                return Ok(());
+            }
+            return Err(ModulesError::Unknown { name: name.to_owned() });
+        };
+        path.push(name.to_owned());
+        for dep in deps {
+            self.visit(dep, path, done, order)?;
+        }
+        path.pop();
+        done.insert(name.to_owned());
+        order.push(Module { name: name.to_owned(), path: file.clone() });
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The shape of Debian 12's modules.dep (6.1, xz-compressed modules).
+    const DEP: &str = "\
+kernel/drivers/md/dm-verity.ko.xz: kernel/drivers/md/dm-bufio.ko.xz kernel/lib/reed_solomon/reed_solomon.ko.xz kernel/drivers/md/dm-mod.ko.xz
+kernel/drivers/md/dm-bufio.ko.xz: kernel/drivers/md/dm-mod.ko.xz
+kernel/drivers/md/dm-mod.ko.xz:
+kernel/lib/reed_solomon/reed_solomon.ko.xz:
+kernel/drivers/md/dm-crypt.ko.xz: kernel/drivers/md/dm-mod.ko.xz
+kernel/fs/overlayfs/overlay.ko.xz:
+kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko.xz: kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko.xz kernel/net/vmw_vsock/vsock.ko.xz
+kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko.xz: kernel/net/vmw_vsock/vsock.ko.xz
+kernel/net/vmw_vsock/vsock.ko.xz:
+";
+    const BUILTIN: &str = "kernel/drivers/virtio/virtio.ko\nkernel/drivers/virtio/virtio_ring.ko\n";
+
+    fn names(modules: &[Module]) -> Vec<&str> {
+        modules.iter().map(|m| m.name.as_str()).collect()
+    }
+
+    #[test]
+    fn dependencies_come_first_each_once() {
+        let index = ModuleIndex::parse(DEP, BUILTIN).unwrap();
+        let order = index.load_order(&["dm-verity", "dm_crypt", "overlay", "vmw_vsock_virtio_transport"]).unwrap();
+        assert_eq!(
+            names(&order),
+            [
+                "dm_mod",
+                "dm_bufio",
+                "reed_solomon",
+                "dm_verity",
+                "dm_crypt",
+                "overlay",
+                "vsock",
+                "vmw_vsock_virtio_transport_common",
+                "vmw_vsock_virtio_transport"
+            ]
+        );
+        assert_eq!(order[3].path, "kernel/drivers/md/dm-verity.ko.xz");
+    }
+
+    #[test]
+    fn built_in_modules_need_no_loading_and_unknown_ones_are_named() {
+        let index = ModuleIndex::parse(DEP, BUILTIN).unwrap();
+        assert_eq!(index.load_order(&["virtio", "overlay"]).unwrap().len(), 1);
+        assert_eq!(index.load_order(&["erofs"]), Err(ModulesError::Unknown { name: "erofs".into() }));
+    }
+
+    #[test]
+    fn loops_and_malformed_lines_are_refused() {
+        let looped = ModuleIndex::parse("a.ko: b.ko\nb.ko: a.ko\n", "").unwrap();
+        assert!(matches!(looped.load_order(&["a"]), Err(ModulesError::Cycle { .. })));
+        assert!(matches!(ModuleIndex::parse("no colon here", ""), Err(ModulesError::Parse { line: 1, .. })));
+        assert!(matches!(ModuleIndex::parse("x.ko:\nx.ko:\n", ""), Err(ModulesError::Parse { line: 2, .. })));
+        assert!(matches!(ModuleIndex::parse("readme.txt:\n", ""), Err(ModulesError::Parse { line: 1, .. })));
+    }
+}
