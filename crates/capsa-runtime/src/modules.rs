@@ -1,11 +1,17 @@
 //! Which kernel modules the guest loads, and in what order.
 //!
 //! The guest's agent loads its modules itself (there is no modprobe in the
-//! initramfs), so the order is worked out here, on the host, from the
-//! kernel's own `modules.dep` and `modules.builtin`: every module after the
-//! modules it depends on, each once, and nothing for what is built in.
+//! initramfs), so the order is worked out here, on the host: every module
+//! after the modules it depends on, each once, and nothing for what is
+//! built in. The dependencies come from `modules.dep` when the tree has one,
+//! or else from each module's own `.modinfo` section (`depends=`), which is
+//! what depmod reads: Debian's kernel packages ship no `modules.dep` (depmod
+//! writes it at install time), and the host need not have kmod.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use object::{Object as _, ObjectSection as _};
 
 /// Why the module set could not be worked out.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -24,6 +30,14 @@ pub enum ModulesError {
     Unknown {
         /// Its name.
         name: String,
+    },
+    /// A module file could not be read.
+    #[error("kernel module {path}: {reason}")]
+    File {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        reason: String,
     },
     /// Dependencies loop.
     #[error("kernel modules depend on each other in a loop through {name}")]
@@ -85,6 +99,26 @@ impl ModuleIndex {
         Ok(Self { modules, builtin })
     }
 
+    /// From a module tree (`/lib/modules/<release>`): its `modules.dep`
+    /// when present, otherwise every `*.ko` file's `.modinfo`; and its
+    /// `modules.builtin` when present.
+    pub fn from_tree(root: &Path) -> Result<Self, ModulesError> {
+        let read = |name: &str| std::fs::read_to_string(root.join(name)).ok();
+        let builtin = read("modules.builtin").unwrap_or_default();
+        if let Some(dep) = read("modules.dep") {
+            return Self::parse(&dep, &builtin);
+        }
+        let mut index = Self::parse("", &builtin)?;
+        let mut files = Vec::new();
+        collect_modules(root, root, &mut files)?;
+        files.sort();
+        for path in files {
+            let (name, deps) = modinfo(&root.join(&path), &path)?;
+            index.modules.insert(name, (path, deps));
+        }
+        Ok(index)
+    }
+
     /// `wanted` and everything they need, dependencies first, each once;
     /// built-in modules are left out (there is nothing to load).
     pub fn load_order(&self, wanted: &[&str]) -> Result<Vec<Module>, ModulesError> {
@@ -125,6 +159,54 @@ impl ModuleIndex {
         order.push(Module { name: name.to_owned(), path: file.clone() });
         Ok(())
     }
+}
+
+fn file_error(path: &str, reason: impl ToString) -> ModulesError {
+    ModulesError::File { path: path.to_owned(), reason: reason.to_string() }
+}
+
+/// Paths (relative to `root`) of every `*.ko` below `dir`.
+fn collect_modules(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<(), ModulesError> {
+    let shown = dir.display().to_string();
+    for entry in std::fs::read_dir(dir).map_err(|e| file_error(&shown, e))? {
+        let entry = entry.map_err(|e| file_error(&shown, e))?;
+        let path = entry.path();
+        let kind = entry.file_type().map_err(|e| file_error(&shown, e))?;
+        if kind.is_dir() {
+            collect_modules(root, &path, out)?;
+        } else if path.extension().is_some_and(|e| e == "ko") {
+            let relative = path.strip_prefix(root).map_err(|e| file_error(&shown, e))?;
+            out.push(relative.to_string_lossy().into_owned());
+        } else if path.to_string_lossy().contains(".ko.") {
+            return Err(file_error(
+                &path.display().to_string(),
+                "compressed modules need a modules.dep beside them (run depmod), as their .modinfo cannot be read in place",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A module's name and its `depends=` from its ELF `.modinfo` section
+/// (NUL-separated `key=value` strings).
+fn modinfo(file: &Path, shown: &str) -> Result<(String, Vec<String>), ModulesError> {
+    let handle = std::fs::File::open(file).map_err(|e| file_error(shown, e))?;
+    // Read lazily: only the headers and the one section, not the whole file.
+    let cache = object::read::ReadCache::new(handle);
+    let elf = object::File::parse(&cache).map_err(|e| file_error(shown, e))?;
+    let section = elf.section_by_name(".modinfo").ok_or_else(|| file_error(shown, "has no .modinfo section"))?;
+    let data = section.data().map_err(|e| file_error(shown, e))?;
+    let mut name = None;
+    let mut deps = Vec::new();
+    for field in data.split(|b| *b == 0) {
+        let field = String::from_utf8_lossy(field);
+        if let Some(value) = field.strip_prefix("name=") {
+            name = Some(value.replace('-', "_"));
+        } else if let Some(value) = field.strip_prefix("depends=") {
+            deps = value.split(',').filter(|d| !d.is_empty()).map(|d| d.replace('-', "_")).collect();
+        }
+    }
+    Ok((name.unwrap_or_else(|| name_of(shown)), deps))
 }
 
 #[cfg(test)]
@@ -175,6 +257,53 @@ kernel/net/vmw_vsock/vsock.ko.xz:
         let index = ModuleIndex::parse(DEP, BUILTIN).unwrap();
         assert_eq!(index.load_order(&["virtio", "overlay"]).unwrap().len(), 1);
         assert_eq!(index.load_order(&["erofs"]), Err(ModulesError::Unknown { name: "erofs".into() }));
+    }
+
+    #[test]
+    fn a_tree_with_modules_dep_uses_it_and_compressed_modules_need_it() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("modules.dep"), DEP).unwrap();
+        std::fs::write(dir.path().join("modules.builtin"), BUILTIN).unwrap();
+        let index = ModuleIndex::from_tree(dir.path()).unwrap();
+        assert_eq!(names(&index.load_order(&["dm_crypt", "virtio"]).unwrap()), ["dm_mod", "dm_crypt"]);
+        std::fs::remove_file(dir.path().join("modules.dep")).unwrap();
+        std::fs::create_dir_all(dir.path().join("kernel/fs")).unwrap();
+        std::fs::write(dir.path().join("kernel/fs/overlay.ko.xz"), b"").unwrap();
+        let err = ModuleIndex::from_tree(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("run depmod"), "{err}");
+        std::fs::remove_file(dir.path().join("kernel/fs/overlay.ko.xz")).unwrap();
+        std::fs::write(dir.path().join("kernel/fs/overlay.ko"), b"not an ELF file").unwrap();
+        assert!(matches!(ModuleIndex::from_tree(dir.path()), Err(ModulesError::File { .. })));
+    }
+
+    /// The Debian kernel's module tree, when a test machine has one
+    /// (`CAPSA_GUEST_MODULES=/lib/modules/<release>`).
+    #[test]
+    fn a_real_kernel_tree_resolves_the_guest_modules() {
+        let Some(root) = std::env::var_os("CAPSA_GUEST_MODULES") else {
+            eprintln!("SKIPPED: CAPSA_GUEST_MODULES is not set");
+            return;
+        };
+        let index = ModuleIndex::from_tree(Path::new(&root)).unwrap();
+        let order = index
+            .load_order(&[
+                "virtio_pci",
+                "virtio_console",
+                "vmw_vsock_virtio_transport",
+                "overlay",
+                "dm_verity",
+                "dm_crypt",
+                "erofs",
+                "fuse",
+            ])
+            .unwrap();
+        let position = |n: &str| order.iter().position(|m| m.name == n);
+        for (before, after) in [("dm_mod", "dm_verity"), ("vsock", "vmw_vsock_virtio_transport")] {
+            if let (Some(b), Some(a)) = (position(before), position(after)) {
+                assert!(b < a, "{before} must load before {after}: {:?}", names(&order));
+            }
+        }
+        eprintln!("load order: {:?}", names(&order));
     }
 
     #[test]
