@@ -66,6 +66,11 @@ impl TempDir {
     pub fn join(&self, p: &str) -> PathBuf {
         self.0.join(p)
     }
+
+    /// The path of `p` inside, as a command-line argument.
+    pub fn arg(&self, p: &str) -> String {
+        self.0.join(p).to_string_lossy().into_owned()
+    }
 }
 
 impl Drop for TempDir {

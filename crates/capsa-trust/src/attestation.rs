@@ -328,10 +328,13 @@ impl Attestation {
             bound("nonce", &want_second, second)?;
         }
         if let Some(init) = &init_time {
-            let host_data = host_data(&claims).unwrap_or_default();
             let digest = sha256(init);
-            if !constant_eq(&digest, &host_data) {
-                return Err(AttestError::InitTimeData { expected: hex::encode(digest), found: hex::encode(host_data) });
+            let found = host_data(&claims);
+            if !found.is_some_and(|h| constant_eq(&digest, &h)) {
+                return Err(AttestError::InitTimeData {
+                    expected: hex::encode(digest),
+                    found: found.map_or_else(|| "none (this evidence carries no HOST_DATA)".to_owned(), hex::encode),
+                });
             }
         }
         if policy.require_nonce {
@@ -520,7 +523,10 @@ fn appraise(claims: &Claims, policy: &AttestationPolicy) -> Result<(), AttestErr
         TeeClaims::SevSnp(_) | TeeClaims::AzureVm(_) => {}
     }
     if !policy.host_data.is_empty() {
-        let found = host_data(claims).unwrap_or_default();
+        // Evidence without HOST_DATA (SGX) never matches: it is not read as zeros.
+        let found = host_data(claims).ok_or_else(|| {
+            refuse("the evidence carries no HOST_DATA, and the policy allows only listed values".into())
+        })?;
         if !policy.host_data.iter().any(|h| constant_eq(h, &found)) {
             return Err(refuse(format!("HOST_DATA {} is not among the allowed values", hex::encode(found))));
         }

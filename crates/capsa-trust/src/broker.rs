@@ -90,8 +90,9 @@ impl KeyKind {
     }
 }
 
-/// A request to create (generate or import) a key.
-#[derive(Debug, Clone, Deserialize)]
+/// A request to create (generate or import) a key. Debug leaves out the
+/// imported material.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateKey {
     /// The key's name: 1-127 of `A-Z a-z 0-9 -`.
@@ -110,7 +111,20 @@ pub struct CreateKey {
     pub immutable: bool,
     /// base64url material to import: raw bytes for `oct` and `secret`,
     /// PKCS#8 DER for `RSA` and `EC`. Generated when absent.
-    pub value: Option<String>,
+    pub value: Option<Zeroizing<String>>,
+}
+
+impl std::fmt::Debug for CreateKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreateKey")
+            .field("name", &self.name)
+            .field("kty", &self.kty)
+            .field("bits", &self.bits)
+            .field("crv", &self.crv)
+            .field("immutable", &self.immutable)
+            .field("imported", &self.value.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl CreateKey {
@@ -421,8 +435,13 @@ fn read_record(
 ) -> Result<Option<KeyRecord>, WriteError> {
     let table = ctx_txn.open_table(KEYS).map_err(store::storage)?;
     let Some(sealed) = table.get(name).map_err(store::storage)? else { return Ok(None) };
-    let plain = sealer.open("key record", &format!("keys/{name}"), sealed.value())?;
-    Ok(Some(serde_json::from_slice(&plain).map_err(store::storage)?))
+    Ok(Some(open_record(sealer, name, sealed.value())?))
+}
+
+/// A record as stored: sealed for the slot `keys/<name>`.
+fn open_record(sealer: &crate::seal::Sealer, name: &str, sealed: &[u8]) -> Result<KeyRecord, StoreError> {
+    let plain = sealer.open("key record", &format!("keys/{name}"), sealed)?;
+    serde_json::from_slice(&plain).map_err(store::storage)
 }
 
 fn write_record(ctx: &Ctx<'_>, record: &KeyRecord) -> Result<(), WriteError> {
@@ -459,7 +478,7 @@ impl Broker {
         }
         let kind = request.kind()?;
         let policy = parse_policy(&request.release_policy)?;
-        let material = material(kind, request.value.as_deref())?;
+        let material = material(kind, request.value.as_deref().map(String::as_str))?;
         let now = store::now_unix();
         let record = KeyRecord {
             name: request.name.clone(),
@@ -496,9 +515,14 @@ impl Broker {
     }
 
     /// Adds a new version (generated, or imported from `value`).
-    pub async fn rotate(&self, name: &str, value: Option<String>, actor: String) -> Result<KeyInfo, BrokerError> {
+    pub async fn rotate(
+        &self,
+        name: &str,
+        value: Option<Zeroizing<String>>,
+        actor: String,
+    ) -> Result<KeyInfo, BrokerError> {
         let current = self.get_record(name)?;
-        let material = material(current.kind, value.as_deref())?;
+        let material = material(current.kind, value.as_deref().map(String::as_str))?;
         let version = VersionRecord {
             id: new_version_id()?,
             created: store::now_unix(),
@@ -613,8 +637,7 @@ impl Broker {
             .get(name)
             .map_err(store::storage)?
             .ok_or_else(|| BrokerError::NotFound(format!("no key named {name:?}")))?;
-        let plain = self.store.sealer().open("key record", &format!("keys/{name}"), sealed.value())?;
-        serde_json::from_slice(&plain).map_err(|e| BrokerError::Store(store::storage(e)))
+        Ok(open_record(self.store.sealer(), name, sealed.value())?)
     }
 
     /// One key's metadata.
@@ -629,10 +652,7 @@ impl Broker {
         let mut out = Vec::new();
         for row in table.iter().map_err(store::storage)? {
             let (k, v) = row.map_err(store::storage)?;
-            let plain = self.store.sealer().open("key record", &format!("keys/{}", k.value()), v.value())?;
-            let record: KeyRecord =
-                serde_json::from_slice(&plain).map_err(|e| BrokerError::Store(store::storage(e)))?;
-            out.push(info(&record));
+            out.push(info(&open_record(self.store.sealer(), k.value(), v.value())?));
         }
         Ok(out)
     }
@@ -648,7 +668,7 @@ impl Broker {
         self.external
             .iter()
             .find(|e| e.issuer.trim_end_matches('/') == iss.trim_end_matches('/'))
-            .and_then(|e| serde_json::from_value(e.jwks.clone()).ok())
+            .map(|e| e.jwks.clone())
     }
 
     /// Releases key `name` (its current version, or `version`) to the
@@ -671,38 +691,19 @@ impl Broker {
             let _permit = self.cpu.acquire().await.map_err(|_| BrokerError::Store(StoreError::Closed))?;
             self.try_release(name, version, target, nonce)
         };
-        match decided {
-            Ok((response, detail)) => {
-                let audit_subject = subject.clone();
-                self.store
-                    .write(move |ctx| {
-                        ctx.audit(Event {
-                            actor,
-                            action: "release",
-                            subject: audit_subject,
-                            outcome: "allowed",
-                            detail,
-                        })?;
-                        Ok(())
-                    })
-                    .await?;
-                Ok(response)
-            }
-            Err(e) => {
-                let detail = json!({"reason": e.to_string()});
-                let audited = self
-                    .store
-                    .write(move |ctx| {
-                        ctx.audit(Event { actor, action: "release", subject, outcome: "denied", detail })?;
-                        Ok(())
-                    })
-                    .await;
-                // A denial stands even if its audit entry failed; the
-                // failure is the more urgent news.
-                audited?;
-                Err(e)
-            }
-        }
+        let (outcome, detail) = match &decided {
+            Ok((_, detail)) => ("allowed", detail.clone()),
+            Err(e) => ("denied", json!({"reason": e.to_string()})),
+        };
+        // No audit entry, no key; and a denial whose entry failed reports
+        // the failure, the more urgent news.
+        self.store
+            .write(move |ctx| {
+                ctx.audit(Event { actor, action: "release", subject, outcome, detail })?;
+                Ok(())
+            })
+            .await?;
+        decided.map(|(response, _)| response)
     }
 
     fn try_release(
@@ -734,8 +735,8 @@ impl Broker {
         let verified = token::verify(target, &jwks, store::now_unix(), LEEWAY_SECS)
             .map_err(|e: TokenError| BrokerError::Token(e.to_string()))?;
         let claims = verified.claims();
-        let policy =
-            ReleasePolicy::parse(&serde_json::to_vec(&record.release_policy).map_err(|e| bad(e.to_string()))?)?;
+        let policy_json = serde_json::to_vec(&record.release_policy).map_err(|e| bad(e.to_string()))?;
+        let policy = ReleasePolicy::parse(&policy_json)?;
         let release = policy
             .evaluate(&iss, claims)
             .map_err(|denial| BrokerError::Denied { key: name.to_owned(), reason: denial.to_string() })?;
@@ -758,7 +759,6 @@ impl Broker {
         if let Some(public) = public_jwk(record.kind, &material) {
             key.extend(public);
         }
-        let policy_json = serde_json::to_vec(&record.release_policy).map_err(|e| bad(e.to_string()))?;
         let payload = json!({
             // The caller's nonce, echoed under the service's signature, so
             // that a relying party can tell this answer is fresh.
@@ -775,7 +775,7 @@ impl Broker {
             "issuer": iss,
             "authority": release.authority,
             "jti": claims.get("jti"),
-            "claims": decided_claims(&policy, claims),
+            "claims": decided_claims(&record.release_policy, claims),
             "wrapping_kid": wrapping.kid,
         });
         Ok((ReleaseResponse { value }, detail))
@@ -792,7 +792,7 @@ fn key_ops(kind: KeyKind) -> &'static [&'static str] {
 }
 
 /// The claims the policy names, with the token's values: what decided.
-fn decided_claims(policy: &ReleasePolicy, claims: &Map<String, Value>) -> BTreeMap<String, Value> {
+fn decided_claims(policy: &Value, claims: &Map<String, Value>) -> BTreeMap<String, Value> {
     fn walk(node: &Value, names: &mut Vec<String>) {
         match node {
             Value::Object(map) => {
@@ -806,7 +806,7 @@ fn decided_claims(policy: &ReleasePolicy, claims: &Map<String, Value>) -> BTreeM
         }
     }
     let mut names = Vec::new();
-    walk(&policy.to_json(), &mut names);
+    walk(policy, &mut names);
     names
         .into_iter()
         .map(|name| {

@@ -54,33 +54,39 @@ impl ClientError {
 }
 
 /// A client of one server.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Client {
     base: String,
     http: reqwest::Client,
     admin_token: Option<String>,
 }
 
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The admin token is a credential: never printed.
+        f.debug_struct("Client").field("base", &self.base).field("admin", &self.admin_token.is_some()).finish()
+    }
+}
+
 impl Client {
     /// For the server at `base` (`http://127.0.0.1:8443`).
     pub fn new(base: &str) -> Result<Self, ClientError> {
-        let http = reqwest::Client::builder()
-            .timeout(std::time::Duration::from_secs(30))
-            .build()
-            .map_err(|e| ClientError::Unreachable { url: base.to_owned(), reason: e.to_string() })?;
-        Ok(Self { base: base.trim_end_matches('/').to_owned(), http, admin_token: None })
+        Self::with_builder(base, reqwest::Client::builder())
     }
 
     /// For a server whose HTTPS certificate chains to `ca_pem` (PEM) rather
     /// than to a system root, such as a self-signed one.
     pub fn with_ca(base: &str, ca_pem: &[u8]) -> Result<Self, ClientError> {
-        let unreachable = |reason: String| ClientError::Unreachable { url: base.to_owned(), reason };
-        let certs = reqwest::Certificate::from_pem_bundle(ca_pem).map_err(|e| unreachable(format!("CA file: {e}")))?;
-        let http = reqwest::Client::builder()
+        let certs = reqwest::Certificate::from_pem_bundle(ca_pem)
+            .map_err(|e| ClientError::Unreachable { url: base.to_owned(), reason: format!("CA file: {e}") })?;
+        Self::with_builder(base, reqwest::Client::builder().tls_certs_only(certs))
+    }
+
+    fn with_builder(base: &str, builder: reqwest::ClientBuilder) -> Result<Self, ClientError> {
+        let http = builder
             .timeout(std::time::Duration::from_secs(30))
-            .tls_certs_only(certs)
             .build()
-            .map_err(|e| unreachable(e.to_string()))?;
+            .map_err(|e| ClientError::Unreachable { url: base.to_owned(), reason: e.to_string() })?;
         Ok(Self { base: base.trim_end_matches('/').to_owned(), http, admin_token: None })
     }
 
@@ -183,8 +189,8 @@ impl Client {
     }
 }
 
-/// A verified release answer's key material, unwrapped.
-#[derive(Debug)]
+/// A verified release answer's key material, unwrapped. Debug shows the
+/// key's id and type, never the material.
 pub struct ReleasedKey {
     /// The key's id (`<issuer>/keys/<name>/<version>`).
     pub kid: String,
@@ -192,6 +198,12 @@ pub struct ReleasedKey {
     pub kty: String,
     /// The material: raw bytes for oct and secrets, PKCS#8 DER for RSA and EC.
     pub material: Zeroizing<Vec<u8>>,
+}
+
+impl std::fmt::Debug for ReleasedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReleasedKey").field("kid", &self.kid).field("kty", &self.kty).finish_non_exhaustive()
+    }
 }
 
 /// Checks a release answer's signature against `server_keys` (the
@@ -278,14 +290,8 @@ impl RuntimeKey {
     /// atomically.
     pub fn save(&self, path: &std::path::Path) -> std::io::Result<()> {
         use aws_lc_rs::encoding::AsDer as _;
-        use std::io::Write as _;
-        use std::os::unix::fs::OpenOptionsExt as _;
         let der = self.0.as_der().map_err(|_| std::io::Error::other("cannot encode the runtime key"))?;
-        let tmp = path.with_extension("tmp");
-        let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-        file.write_all(der.as_ref())?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
+        crate::seal::write_private(path, der.as_ref())
     }
 
     /// Reads a key written by [`RuntimeKey::save`].

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::token::Jwks;
+
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -177,8 +179,8 @@ pub struct Admin {
 pub struct ExternalIssuer {
     /// Its `iss`.
     pub issuer: String,
-    /// Its JWKS document.
-    pub jwks: serde_json::Value,
+    /// Its keys, read once when the configuration is loaded.
+    pub jwks: Jwks,
 }
 
 /// The validated configuration.
@@ -282,10 +284,14 @@ impl Config {
         for (i, e) in file.external_issuer.into_iter().enumerate() {
             let path = base.join(&e.jwks_file);
             let bytes = std::fs::read(&path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
-            let jwks: serde_json::Value = serde_json::from_slice(&bytes)
-                .map_err(|err| invalid(format!("external_issuer[{i}].jwks_file"), err.to_string()))?;
-            if !jwks.get("keys").is_some_and(serde_json::Value::is_array) {
-                return Err(invalid(format!("external_issuer[{i}].jwks_file"), "must hold a JWKS ({\"keys\": [...]})"));
+            let jwks: Jwks = serde_json::from_slice(&bytes).map_err(|err| {
+                invalid(
+                    format!("external_issuer[{i}].jwks_file"),
+                    format!("must hold a JWKS ({{\"keys\": [...]}}): {err}"),
+                )
+            })?;
+            if jwks.keys.is_empty() {
+                return Err(invalid(format!("external_issuer[{i}].jwks_file"), "the JWKS has no keys"));
             }
             config.external_issuers.push(ExternalIssuer { issuer: e.issuer, jwks });
         }

@@ -67,7 +67,7 @@ impl From<StoreOpError> for IssuerError {
 #[serde(deny_unknown_fields)]
 struct StoredKey {
     record: KeyRecord,
-    pkcs8: String,
+    pkcs8: Zeroizing<String>,
 }
 
 /// The production and sim issuers.
@@ -77,6 +77,9 @@ pub struct Issuers {
     lifetime: i64,
     production: RwLock<KeyRing>,
     sim: RwLock<KeyRing>,
+    /// One rotation at a time: each persists a successor of the ring it
+    /// read, which a concurrent rotation must not overtake.
+    rotation: tokio::sync::Mutex<()>,
 }
 
 impl Issuers {
@@ -85,7 +88,13 @@ impl Issuers {
     pub async fn load(store: &Store, url: String, lifetime: i64) -> Result<Self, IssuerError> {
         let production = load_ring(store, Which::Production).await?;
         let sim = load_ring(store, Which::Sim).await?;
-        Ok(Self { url, lifetime, production: RwLock::new(production), sim: RwLock::new(sim) })
+        Ok(Self {
+            url,
+            lifetime,
+            production: RwLock::new(production),
+            sim: RwLock::new(sim),
+            rotation: tokio::sync::Mutex::new(()),
+        })
     }
 
     /// The `iss` of one issuer.
@@ -144,22 +153,19 @@ impl Issuers {
     /// Rotates one issuer's key: a new key signs from now on; the old one
     /// stays published for a token lifetime. Durable before it takes effect.
     pub async fn rotate(&self, store: &Store, which: Which, actor: String) -> Result<String, IssuerError> {
+        let _one_at_a_time = self.rotation.lock().await;
         let now = store::now_unix();
         let new_key = SigningKey::generate(now)?;
         let kid = new_key.kid().to_owned();
-        let stored = {
-            let ring = self.ring(which).read().map_err(|_| IssuerError::Corrupt("lock poisoned".into()))?;
-            let mut records = serialize_ring(&ring)?;
-            if let Some(last) = records.last_mut() {
-                last.record.retired_at = Some(now);
-            }
-            records.retain(|k| k.record.retired_at.is_none_or(|r| r + self.published_for() > now));
-            records.push(StoredKey {
-                record: KeyRecord { kid: kid.clone(), created_at: now, retired_at: None },
-                pkcs8: URL_SAFE_NO_PAD.encode(new_key.pkcs8().as_slice()),
-            });
-            Zeroizing::new(serde_json::to_vec(&records).map_err(|e| IssuerError::Corrupt(e.to_string()))?)
+        // The successor is the current ring rotated and pruned, stored
+        // before it replaces the current one.
+        let mut next = {
+            let current = self.ring(which).read().map_err(|_| IssuerError::Corrupt("lock poisoned".into()))?;
+            ring_from_bytes(&ring_to_bytes(&current)?)?
         };
+        next.rotate(new_key, now)?;
+        next.prune(now, self.published_for());
+        let stored = ring_to_bytes(&next)?;
         let name = which.secret_name();
         let subject = self.url(which);
         let audit_kid = kid.clone();
@@ -176,40 +182,43 @@ impl Issuers {
                 Ok::<(), WriteError>(())
             })
             .await?;
-        let mut ring = self.ring(which).write().map_err(|_| IssuerError::Corrupt("lock poisoned".into()))?;
-        ring.rotate(new_key, now)?;
-        ring.prune(now, self.published_for());
+        *self.ring(which).write().map_err(|_| IssuerError::Corrupt("lock poisoned".into()))? = next;
         Ok(kid)
     }
 }
 
-fn serialize_ring(ring: &KeyRing) -> Result<Vec<StoredKey>, IssuerError> {
-    ring.records()
+/// A ring as stored: its records with their PKCS#8 keys, JSON.
+fn ring_to_bytes(ring: &KeyRing) -> Result<Zeroizing<Vec<u8>>, IssuerError> {
+    let stored = ring
+        .records()
         .into_iter()
         .map(|record| {
             let key = ring.get(&record.kid).ok_or_else(|| IssuerError::Corrupt("a ring key vanished".into()))?;
-            Ok(StoredKey { pkcs8: URL_SAFE_NO_PAD.encode(key.pkcs8().as_slice()), record })
+            Ok(StoredKey { pkcs8: Zeroizing::new(URL_SAFE_NO_PAD.encode(key.pkcs8().as_slice())), record })
         })
-        .collect()
+        .collect::<Result<Vec<_>, IssuerError>>()?;
+    Ok(Zeroizing::new(serde_json::to_vec(&stored).map_err(|e| IssuerError::Corrupt(e.to_string()))?))
+}
+
+fn ring_from_bytes(bytes: &[u8]) -> Result<KeyRing, IssuerError> {
+    let stored: Vec<StoredKey> = serde_json::from_slice(bytes).map_err(|e| IssuerError::Corrupt(e.to_string()))?;
+    let parts = stored
+        .into_iter()
+        .map(|k| {
+            let der = URL_SAFE_NO_PAD.decode(k.pkcs8.as_bytes()).map_err(|e| IssuerError::Corrupt(e.to_string()))?;
+            Ok((k.record, Zeroizing::new(der)))
+        })
+        .collect::<Result<Vec<_>, IssuerError>>()?;
+    Ok(KeyRing::from_parts(parts)?)
 }
 
 async fn load_ring(store: &Store, which: Which) -> Result<KeyRing, IssuerError> {
     let name = which.secret_name();
     if let Some(bytes) = store.secret("signing keys", name)? {
-        let stored: Vec<StoredKey> = serde_json::from_slice(&bytes).map_err(|e| IssuerError::Corrupt(e.to_string()))?;
-        let parts = stored
-            .into_iter()
-            .map(|k| {
-                let der = URL_SAFE_NO_PAD.decode(&k.pkcs8).map_err(|e| IssuerError::Corrupt(e.to_string()))?;
-                Ok((k.record, Zeroizing::new(der)))
-            })
-            .collect::<Result<Vec<_>, IssuerError>>()?;
-        return Ok(KeyRing::from_parts(parts)?);
+        return ring_from_bytes(&bytes);
     }
-    let key = SigningKey::generate(store::now_unix())?;
-    let ring = KeyRing::new(key);
-    let bytes =
-        Zeroizing::new(serde_json::to_vec(&serialize_ring(&ring)?).map_err(|e| IssuerError::Corrupt(e.to_string()))?);
+    let ring = KeyRing::new(SigningKey::generate(store::now_unix())?);
+    let bytes = ring_to_bytes(&ring)?;
     store
         .write(move |ctx| {
             store::put_secret(ctx, name, &bytes)?;

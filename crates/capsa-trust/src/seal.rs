@@ -112,20 +112,8 @@ impl MasterKey {
     fn create(path: &Path) -> Result<Self, SealError> {
         let mut key = Zeroizing::new([0u8; 32]);
         SystemRandom::new().fill(key.as_mut()).map_err(|_| SealError::Random)?;
-        let io = |source| SealError::Io { path: path.to_owned(), source };
-        // Written under a temporary name and renamed, so a crash never
-        // leaves a truncated key that a restart would then refuse.
-        let tmp = path.with_extension("tmp");
-        let mut file =
-            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io)?;
-        let text = Zeroizing::new(hex::encode(key.as_ref()));
-        file.write_all(text.as_bytes()).map_err(io)?;
-        file.write_all(b"\n").map_err(io)?;
-        file.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)?;
-        if let Some(dir) = path.parent() {
-            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
-        }
+        let text = Zeroizing::new(format!("{}\n", hex::encode(key.as_ref())));
+        write_private(path, text.as_bytes()).map_err(|source| SealError::Io { path: path.to_owned(), source })?;
         Ok(Self(key))
     }
 
@@ -152,6 +140,24 @@ impl MasterKey {
             Sealer { key: LessSafeKey::new(key), random: SystemRandom::new() },
             hmac::Key::new(hmac::HMAC_SHA256, mac.as_ref()),
         ))
+    }
+}
+
+/// Writes `bytes` to `path` readable by its owner alone (0600), atomically
+/// and durably: under a temporary name, synced, renamed, and the directory
+/// synced, so a crash never leaves a truncated key or token behind.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let name = path.file_name().ok_or_else(|| std::io::Error::other("the path has no file name"))?;
+    let tmp = path.with_file_name(format!(".{}.tmp", name.to_string_lossy()));
+    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    let written = file.write_all(bytes).and_then(|()| file.sync_all()).and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
+    match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(dir) => std::fs::File::open(dir)?.sync_all(),
+        None => std::fs::File::open(".")?.sync_all(),
     }
 }
 

@@ -25,13 +25,13 @@ use serde_json::{Value, json};
 
 use crate::attestation::{AttestError, AttestRequest, Attestation, EvidenceKind, MAX_REQUEST_BYTES};
 use crate::audit::{self, Event};
-use crate::broker::{Broker, BrokerError, CreateKey};
+use crate::broker::{Broker, BrokerError, CreateKey, KeyInfo, ReleaseResponse};
 use crate::config::{Admin, Config, Role};
 use crate::issuer::{IssuerError, Issuers, Which};
 use crate::seal::{MasterKey, SealError};
 use crate::store::{Store, StoreError, StoreOpError};
 use crate::tls::{Peer, TlsError, TlsListener};
-use crate::token;
+use crate::token::{self, Jwks};
 
 /// How the server starts.
 #[derive(Debug)]
@@ -150,7 +150,8 @@ fn local_admin(dir: &Path) -> Result<Admin, ServeError> {
             let mut raw = [0u8; 32];
             aws_lc_rs::rand::fill(&mut raw).map_err(|_| ServeError::Seal(SealError::Random))?;
             let token = zeroize::Zeroizing::new(hex::encode(raw));
-            write_private(&path, token.as_bytes()).map_err(io)?;
+            let line = zeroize::Zeroizing::new(format!("{}\n", token.as_str()));
+            crate::seal::write_private(&path, line.as_bytes()).map_err(io)?;
             token
         }
         Err(e) => return Err(io(e)),
@@ -158,21 +159,6 @@ fn local_admin(dir: &Path) -> Result<Admin, ServeError> {
     let mut hash = [0u8; 32];
     hash.copy_from_slice(digest(&SHA256, token.as_bytes()).as_ref());
     Ok(Admin { name: "local-admin".into(), token_sha256: hash, roles: vec![Role::Admin] })
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-    file.write_all(bytes)?;
-    file.write_all(b"\n")?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
 }
 
 /// A gate with one permit per core for the CPU-bound part of attestations
@@ -459,12 +445,12 @@ fn audit_summary(claims: &serde_json::Map<String, Value>) -> Value {
     Value::Object(keep.iter().filter_map(|k| claims.get(*k).map(|v| ((*k).to_owned(), v.clone()))).collect())
 }
 
-async fn certs(State(state): State<Arc<AppState>>) -> Json<Value> {
-    Json(serde_json::to_value(state.issuers.jwks(Which::Production)).unwrap_or(Value::Null))
+async fn certs(State(state): State<Arc<AppState>>) -> Json<Jwks> {
+    Json(state.issuers.jwks(Which::Production))
 }
 
-async fn sim_certs(State(state): State<Arc<AppState>>) -> Json<Value> {
-    Json(serde_json::to_value(state.issuers.jwks(Which::Sim)).unwrap_or(Value::Null))
+async fn sim_certs(State(state): State<Arc<AppState>>) -> Json<Jwks> {
+    Json(state.issuers.jwks(Which::Sim))
 }
 
 async fn openid(State(state): State<Arc<AppState>>) -> Json<Value> {
@@ -479,11 +465,10 @@ async fn create_key(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     body: axum::body::Bytes,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<KeyInfo>), ApiError> {
     let actor = authorize(&state, &headers, Role::KeysWrite)?;
     let request: CreateKey = json_body(&body)?;
-    let info = state.broker.create(request, actor).await?;
-    Ok((StatusCode::CREATED, Json(serde_json::to_value(info).unwrap_or(Value::Null))))
+    Ok((StatusCode::CREATED, Json(state.broker.create(request, actor).await?)))
 }
 
 async fn list_keys(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
@@ -495,9 +480,9 @@ async fn get_key(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     UrlPath(name): UrlPath<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<KeyInfo>, ApiError> {
     authorize(&state, &headers, Role::KeysRead)?;
-    Ok(Json(serde_json::to_value(state.broker.get(&name)?).unwrap_or(Value::Null)))
+    Ok(Json(state.broker.get(&name)?))
 }
 
 #[derive(Deserialize)]
@@ -512,13 +497,10 @@ async fn patch_key(
     headers: HeaderMap,
     UrlPath(name): UrlPath<String>,
     body: axum::body::Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<KeyInfo>, ApiError> {
     let actor = authorize(&state, &headers, Role::KeysWrite)?;
     let patch: PatchKey = json_body(&body)?;
-    Ok(Json(
-        serde_json::to_value(state.broker.set_enabled(&name, patch.version, patch.enabled, actor).await?)
-            .unwrap_or(Value::Null),
-    ))
+    Ok(Json(state.broker.set_enabled(&name, patch.version, patch.enabled, actor).await?))
 }
 
 async fn delete_key(
@@ -534,7 +516,7 @@ async fn delete_key(
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RotateKey {
-    value: Option<String>,
+    value: Option<zeroize::Zeroizing<String>>,
 }
 
 async fn rotate_key(
@@ -542,10 +524,10 @@ async fn rotate_key(
     headers: HeaderMap,
     UrlPath(name): UrlPath<String>,
     body: axum::body::Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<KeyInfo>, ApiError> {
     let actor = authorize(&state, &headers, Role::KeysWrite)?;
     let request: RotateKey = if body.is_empty() { RotateKey::default() } else { json_body(&body)? };
-    Ok(Json(serde_json::to_value(state.broker.rotate(&name, request.value, actor).await?).unwrap_or(Value::Null)))
+    Ok(Json(state.broker.rotate(&name, request.value, actor).await?))
 }
 
 #[derive(Deserialize)]
@@ -560,13 +542,10 @@ async fn put_policy(
     headers: HeaderMap,
     UrlPath(name): UrlPath<String>,
     body: axum::body::Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<KeyInfo>, ApiError> {
     let actor = authorize(&state, &headers, Role::KeysWrite)?;
     let request: PutPolicy = json_body(&body)?;
-    Ok(Json(
-        serde_json::to_value(state.broker.set_policy(&name, request.release_policy, request.immutable, actor).await?)
-            .unwrap_or(Value::Null),
-    ))
+    Ok(Json(state.broker.set_policy(&name, request.release_policy, request.immutable, actor).await?))
 }
 
 #[derive(Deserialize)]
@@ -585,7 +564,7 @@ async fn do_release(
     name: String,
     version: Option<String>,
     body: axum::body::Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ReleaseResponse>, ApiError> {
     let start = Instant::now();
     let request: ReleaseRequest = json_body(&body)?;
     if let Some(enc) = request.enc.as_deref().filter(|e| !["CKM_RSA_AES_KEY_WRAP", "RSA_AES_KEY_WRAP_256"].contains(e))
@@ -609,7 +588,7 @@ async fn do_release(
     let outcome = if result.is_ok() { "allowed" } else { "denied" };
     state.metrics.releases.get_or_create(&OutcomeLabels { outcome: outcome.to_owned() }).inc();
     state.metrics.observe("release", start);
-    Ok(Json(serde_json::to_value(result?).unwrap_or(Value::Null)))
+    Ok(Json(result?))
 }
 
 async fn release(
@@ -617,7 +596,7 @@ async fn release(
     ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
     UrlPath(name): UrlPath<String>,
     body: axum::body::Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ReleaseResponse>, ApiError> {
     do_release(state, peer, name, None, body).await
 }
 
@@ -626,7 +605,7 @@ async fn release_version(
     ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
     UrlPath((name, version)): UrlPath<(String, String)>,
     body: axum::body::Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ReleaseResponse>, ApiError> {
     do_release(state, peer, name, Some(version), body).await
 }
 

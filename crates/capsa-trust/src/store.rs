@@ -211,15 +211,6 @@ impl Store {
         value.downcast::<T>().map(|b| *b).map_err(|_| StoreOpError::Store(storage("write returned another type")))
     }
 
-    /// Blocking form of [`Store::write`], for tools outside the runtime.
-    pub fn write_blocking<T: Send + 'static>(
-        &self,
-        apply: impl FnOnce(&Ctx<'_>) -> Result<T, WriteError> + Send + 'static,
-    ) -> Result<T, StoreOpError> {
-        let rt = tokio::runtime::Builder::new_current_thread().build().map_err(|e| StoreOpError::Store(storage(e)))?;
-        rt.block_on(self.write(apply))
-    }
-
     /// Reads the sealed value `name` of the secrets table.
     pub fn secret(&self, what: &'static str, name: &str) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, StoreError> {
         let txn = self.db().begin_read().map_err(storage)?;

@@ -3,14 +3,14 @@
 
 use std::io::Write as _;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Context as _;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use capsa_tee::evidence::Tee;
 use capsa_trust::attestation::EvidenceKind;
-use capsa_trust::client::{self, Client, ClientError, RuntimeKey};
+use capsa_trust::client::{self, Client, ClientError, Method, RuntimeKey};
 use capsa_trust::config::Config;
 use capsa_trust::server::{self, ServeOptions};
 use clap::{Args, Subcommand};
@@ -312,16 +312,12 @@ pub(crate) fn run(cmd: TrustCommand) -> anyhow::Result<()> {
         TrustCommand::RotateSigningKey { issuer, server } => {
             let client = admin_client(&server)?;
             let path = format!("/signing-keys/rotate?issuer={issuer}");
-            let v = runtime()?.block_on(client.admin(reqwest_post(), &path, None)).map_err(client_error)?;
+            let v = runtime()?.block_on(client.admin(Method::POST, &path, None)).map_err(client_error)?;
             outln!("{}", serde_json::to_string_pretty(&v)?)?;
             Ok(())
         }
         TrustCommand::Audit(cmd) => audit(cmd),
     }
-}
-
-fn reqwest_post() -> capsa_trust::client::Method {
-    capsa_trust::client::Method::POST
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -450,7 +446,8 @@ fn release(args: ReleaseArgs) -> anyhow::Result<()> {
     let released = client::open_release(&response, &server_keys, key.private()).map_err(client_error)?;
     match &args.out {
         Some(out) => {
-            write_private(out, &released.material).with_context(|| format!("cannot write {}", out.display()))?;
+            capsa_trust::seal::write_private(out, &released.material)
+                .with_context(|| format!("cannot write {}", out.display()))?;
             let _ = writeln!(
                 std::io::stderr(),
                 "capsa trust: released {} ({}, {} bytes) to {}",
@@ -463,15 +460,6 @@ fn release(args: ReleaseArgs) -> anyhow::Result<()> {
         None => outln!("{}", URL_SAFE_NO_PAD.encode(released.material.as_slice()))?,
     }
     Ok(())
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
@@ -502,15 +490,11 @@ fn key(cmd: KeyCommand) -> anyhow::Result<()> {
         }
         KeyCommand::List(server) => print_json(&rt.block_on(admin_client(&server)?.list_keys()).map_err(client_error)?),
         KeyCommand::Show { name, server } => print_json(
-            &rt.block_on(admin_client(&server)?.admin(
-                capsa_trust::client::Method::GET,
-                &format!("/keys/{name}"),
-                None,
-            ))
-            .map_err(client_error)?,
+            &rt.block_on(admin_client(&server)?.admin(Method::GET, &format!("/keys/{name}"), None))
+                .map_err(client_error)?,
         ),
         KeyCommand::Rotate { name, server } => print_json(
-            &rt.block_on(admin_client(&server)?.admin(reqwest_post(), &format!("/keys/{name}/rotate"), None))
+            &rt.block_on(admin_client(&server)?.admin(Method::POST, &format!("/keys/{name}/rotate"), None))
                 .map_err(client_error)?,
         ),
         KeyCommand::Disable(args) => set_enabled(&rt, args, false),
@@ -521,12 +505,8 @@ fn key(cmd: KeyCommand) -> anyhow::Result<()> {
             print_json(&rt.block_on(admin_client(&server)?.set_policy(&name, &policy)).map_err(client_error)?)
         }
         KeyCommand::Delete { name, server } => {
-            rt.block_on(admin_client(&server)?.admin(
-                capsa_trust::client::Method::DELETE,
-                &format!("/keys/{name}"),
-                None,
-            ))
-            .map_err(client_error)?;
+            rt.block_on(admin_client(&server)?.admin(Method::DELETE, &format!("/keys/{name}"), None))
+                .map_err(client_error)?;
             outln!("deleted {name}")?;
             Ok(())
         }
@@ -537,7 +517,7 @@ fn set_enabled(rt: &tokio::runtime::Runtime, args: EnableArgs, enabled: bool) ->
     let body = json!({"enabled": enabled, "version": args.version});
     let client = admin_client(&args.server)?;
     print_json(
-        &rt.block_on(client.admin(capsa_trust::client::Method::PATCH, &format!("/keys/{}", args.name), Some(&body)))
+        &rt.block_on(client.admin(Method::PATCH, &format!("/keys/{}", args.name), Some(&body)))
             .map_err(client_error)?,
     )
 }
@@ -558,9 +538,7 @@ fn audit(cmd: AuditCommand) -> anyhow::Result<()> {
             let admin_token_file = admin_token_file
                 .ok_or_else(|| UsageError("--server needs --admin-token-file (an audit-read admin)".into()))?;
             let client = admin_client(&AdminArgs { server, admin_token_file })?;
-            let v = runtime()?
-                .block_on(client.admin(capsa_trust::client::Method::GET, "/audit/verify", None))
-                .map_err(client_error)?;
+            let v = runtime()?.block_on(client.admin(Method::GET, "/audit/verify", None)).map_err(client_error)?;
             if v.get("intact") == Some(&Value::Bool(true)) {
                 outln!("audit log intact: {} entries, head {}", v["entries"], v["head"].as_str().unwrap_or(""))?;
                 Ok(())
@@ -572,11 +550,7 @@ fn audit(cmd: AuditCommand) -> anyhow::Result<()> {
         AuditCommand::List { from, limit, server } => {
             let client = admin_client(&server)?;
             let v = runtime()?
-                .block_on(client.admin(
-                    capsa_trust::client::Method::GET,
-                    &format!("/audit?from={from}&limit={limit}"),
-                    None,
-                ))
+                .block_on(client.admin(Method::GET, &format!("/audit?from={from}&limit={limit}"), None))
                 .map_err(client_error)?;
             for entry in v["entries"].as_array().into_iter().flatten() {
                 outln!("{}", serde_json::to_string(entry)?)?;

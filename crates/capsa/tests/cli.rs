@@ -2,8 +2,10 @@
 //! as its PROVENANCE.md says, refusals exit 1 with one line saying why,
 //! unusable input exits 2, and the sim platform round-trips.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
+
+use capsa_testkit::TempDir;
 
 const EVIDENCE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/testdata/evidence");
 
@@ -32,26 +34,6 @@ fn json(o: &Output) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(o)))
 }
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("capsa-cli-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-    fn path(&self, name: &str) -> String {
-        self.0.join(name).to_string_lossy().into_owned()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[test]
 fn milan_report_verifies_with_pinned_roots() {
     let o = capsa(&[
@@ -76,7 +58,7 @@ fn milan_report_verifies_with_pinned_roots() {
 #[test]
 fn milan_report_given_as_hex_verifies_and_prints_a_table() {
     let dir = TempDir::new("hex");
-    let hex_path = dir.path("report.hex");
+    let hex_path = dir.arg("report.hex");
     let bytes = std::fs::read(evidence("snp/milan-v2-report.bin")).unwrap();
     std::fs::write(&hex_path, hex::encode(bytes)).unwrap();
     let o = capsa(&[
@@ -123,7 +105,7 @@ fn tampered_report_is_refused_with_one_line() {
     let dir = TempDir::new("tamper");
     let mut bytes = std::fs::read(evidence("snp/milan-v2-report.bin")).unwrap();
     bytes[0x90] ^= 1;
-    let path = dir.path("tampered.bin");
+    let path = dir.arg("tampered.bin");
     std::fs::write(&path, bytes).unwrap();
     let o = capsa(&[
         "evidence",
@@ -323,15 +305,15 @@ fn show_lists_every_field_without_verifying() {
 #[test]
 fn sim_round_trip_and_refusal_without_allow_sim() {
     let dir = TempDir::new("sim");
-    let state = dir.path("state");
+    let state = dir.arg("state");
     assert_exit(&capsa(&["sim", "init", "--dir", &state]), 0);
     assert_exit(&capsa(&["sim", "init", "--dir", &state]), 0);
-    let certs = dir.path("certs");
+    let certs = dir.arg("certs");
     assert_exit(&capsa(&["sim", "certs", "--dir", &state, "--out", &certs]), 0);
     let measurement = "ab".repeat(48);
     let host_data = "cd".repeat(32);
     let report_data = "ef".repeat(64);
-    let report = dir.path("report.bin");
+    let report = dir.arg("report.bin");
     assert_exit(
         &capsa(&[
             "sim",
@@ -404,9 +386,9 @@ fn sim_round_trip_and_refusal_without_allow_sim() {
 #[test]
 fn sim_report_with_debug_policy_says_so() {
     let dir = TempDir::new("simdebug");
-    let state = dir.path("state");
-    let certs = dir.path("certs");
-    let report = dir.path("r.bin");
+    let state = dir.arg("state");
+    let certs = dir.arg("certs");
+    let report = dir.arg("r.bin");
     assert_exit(&capsa(&["sim", "certs", "--dir", &state, "--out", &certs]), 2);
     assert_exit(&capsa(&["sim", "init", "--dir", &state]), 0);
     assert_exit(&capsa(&["sim", "certs", "--dir", &state, "--out", &certs]), 0);
@@ -451,11 +433,11 @@ fn verity_root_hash_equals_veritysetup() {
         return;
     }
     let dir = TempDir::new("verity");
-    let data = dir.path("data.img");
+    let data = dir.arg("data.img");
     let bytes: Vec<u8> = (0..(1u32 << 20) + 8192).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     std::fs::write(&data, &bytes[..1 << 20]).unwrap();
     for salt in [None, Some("00112233445566778899aabbccddeeff")] {
-        let hash_file = dir.path("hash.img");
+        let hash_file = dir.arg("hash.img");
         let mut veritysetup = Command::new("veritysetup");
         veritysetup.args([
             "format",
@@ -486,9 +468,9 @@ fn verity_root_hash_equals_veritysetup() {
     // Sizes that are not whole blocks: veritysetup refuses under one block
     // and leaves the tail out above; `capsa verity` does the same (and warns).
     for len in [0usize, 1, 4095, 4096, 4097, 12_345] {
-        let path = dir.path(&format!("len{len}.img"));
+        let path = dir.arg(&format!("len{len}.img"));
         std::fs::write(&path, &bytes[..len]).unwrap();
-        let hash_file = dir.path("hash.img");
+        let hash_file = dir.arg("hash.img");
         let theirs = Command::new("veritysetup")
             .args(["format", "--hash", "sha256", "--data-block-size", "4096", "--hash-block-size", "4096"])
             .args(["--format", "1", "--salt", "-", &path, &hash_file])

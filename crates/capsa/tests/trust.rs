@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use capsa_tee::sim::{ReportRequest, SimPlatform};
+use capsa_testkit::TempDir;
 use capsa_trust::attestation::EvidenceKind;
 use capsa_trust::client::{self, Client, ClientError, RuntimeKey};
 use serde_json::{Value, json};
@@ -30,27 +31,6 @@ const MEASUREMENT: [u8; 48] = [0x11; 48];
 const ISSUER: &str = "http://capsa.test";
 /// How long any one `capsa` invocation, or a server's start or stop, may take.
 const LIMIT: Duration = Duration::from_secs(60);
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("capsa-trust-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.0.join(name).to_string_lossy().into_owned()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn command(args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_capsa"));
@@ -263,8 +243,8 @@ async fn sim_token(server: &Client, sim: &SimPlatform, key: &RuntimeKey) -> Stri
 #[test]
 fn acknowledged_keys_survive_sigkill() {
     let dir = TempDir::new("sigkill");
-    let data = dir.path("data");
-    let config = dir.path("trust.toml");
+    let data = dir.arg("data");
+    let config = dir.arg("trust.toml");
     std::fs::write(&config, format!("issuer = \"{ISSUER}\"\n")).unwrap();
     let sim = SimPlatform::init(&dir.0.join("sim")).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
@@ -335,7 +315,7 @@ fn acknowledged_keys_survive_sigkill() {
 #[test]
 fn cli_releases_an_imported_key_and_exits_1_on_refusal_2_on_bad_input() {
     let dir = TempDir::new("cli");
-    let (data, sim, certs) = (dir.path("data"), dir.path("sim"), dir.path("certs"));
+    let (data, sim, certs) = (dir.arg("data"), dir.arg("sim"), dir.arg("certs"));
     assert_exit(&capsa(&["sim", "init", "--dir", &sim]), 0);
     assert_exit(&capsa(&["sim", "certs", "--dir", &sim, "--out", &certs]), 0);
     let (vcek, chain) = (format!("{certs}/vcek.pem"), format!("{certs}/chain.pem"));
@@ -343,9 +323,9 @@ fn cli_releases_an_imported_key_and_exits_1_on_refusal_2_on_bad_input() {
     let url = server.url.as_str();
     let admin_token = format!("{data}/admin.token");
 
-    let value = dir.path("value.bin");
+    let value = dir.arg("value.bin");
     std::fs::write(&value, [0x5a; 32]).unwrap();
-    let policy_file = dir.path("policy.json");
+    let policy_file = dir.arg("policy.json");
     std::fs::write(&policy_file, policy(&format!("{url}/sim"), HOST_DATA).to_string()).unwrap();
     let create = |name: &str, policy: &str, token_file: &str| {
         capsa(&[
@@ -370,13 +350,13 @@ fn cli_releases_an_imported_key_and_exits_1_on_refusal_2_on_bad_input() {
     assert_eq!(info["name"], "db");
 
     // The workload: a runtime key, sim evidence binding it, a token.
-    let runtime_key = dir.path("runtime.key");
+    let runtime_key = dir.arg("runtime.key");
     let o = capsa(&["trust", "runtime-key", "--out", &runtime_key]);
     assert_exit(&o, 0);
     let report_data = stdout(&o).trim().to_owned();
     assert_eq!(report_data.len(), 128, "{report_data}");
     let attest = |host_data: [u8; 32], token: &str| {
-        let report = dir.path("report.bin");
+        let report = dir.arg("report.bin");
         let measurement = hex::encode(MEASUREMENT);
         let host_data = hex::encode(host_data);
         assert_exit(
@@ -433,14 +413,14 @@ fn cli_releases_an_imported_key_and_exits_1_on_refusal_2_on_bad_input() {
     };
 
     // Released to the matching workload, into a file only its owner reads.
-    let (token, released) = (dir.path("token"), dir.path("released.bin"));
+    let (token, released) = (dir.arg("token"), dir.arg("released.bin"));
     attest(HOST_DATA, &token);
     assert_exit(&release(&token, &released), 0);
     assert_eq!(std::fs::read(&released).unwrap(), [0x5a; 32]);
     assert_eq!(std::fs::metadata(&released).unwrap().permissions().mode() & 0o777, 0o600);
 
     // Other host data: refused (1), naming the failing clause; nothing written.
-    let (other_token, other_out) = (dir.path("other-token"), dir.path("other.bin"));
+    let (other_token, other_out) = (dir.arg("other-token"), dir.arg("other.bin"));
     attest(OTHER_HOST_DATA, &other_token);
     let o = release(&other_token, &other_out);
     assert_exit(&o, 1);
@@ -451,17 +431,17 @@ fn cli_releases_an_imported_key_and_exits_1_on_refusal_2_on_bad_input() {
 
     // A wrong admin token is refused by the server (401: 1); a missing
     // token file is the caller's mistake (2).
-    let wrong_token = dir.path("wrong.token");
+    let wrong_token = dir.arg("wrong.token");
     std::fs::write(&wrong_token, "0".repeat(64)).unwrap();
     let o = create("db2", &policy_file, &wrong_token);
     assert_exit(&o, 1);
     assert!(stderr(&o).contains("401"), "{}", stderr(&o));
-    let o = create("db2", &policy_file, &dir.path("no-such.token"));
+    let o = create("db2", &policy_file, &dir.arg("no-such.token"));
     assert_exit(&o, 2);
     assert!(stderr(&o).contains("cannot read the admin token"), "{}", stderr(&o));
 
     // A policy the server rejects (400) and one that is not JSON: 2.
-    let bad_policy = dir.path("bad-policy.json");
+    let bad_policy = dir.arg("bad-policy.json");
     std::fs::write(&bad_policy, r#"{"version": "9.9.9", "anyOf": []}"#).unwrap();
     let o = create("db2", &bad_policy, &admin_token);
     assert_exit(&o, 2);
@@ -480,11 +460,11 @@ fn cli_releases_an_imported_key_and_exits_1_on_refusal_2_on_bad_input() {
 #[test]
 fn serve_exits_2_naming_a_config_file_that_does_not_parse() {
     let dir = TempDir::new("badconfig");
-    let config = dir.path("trust.toml");
+    let config = dir.arg("trust.toml");
     for text in ["issuer = [\n", "isuer = \"http://capsa.test\"\n"] {
         std::fs::write(&config, text).unwrap();
         let o =
-            capsa(&["trust", "serve", "--data-dir", &dir.path("data"), "--listen", "127.0.0.1:0", "--config", &config]);
+            capsa(&["trust", "serve", "--data-dir", &dir.arg("data"), "--listen", "127.0.0.1:0", "--config", &config]);
         assert_exit(&o, 2);
         assert!(stderr(&o).contains(&config), "{:?} does not name {config}", stderr(&o));
     }
