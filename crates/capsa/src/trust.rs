@@ -12,7 +12,7 @@ use capsa_tee::evidence::Tee;
 use capsa_trust::attestation::EvidenceKind;
 use capsa_trust::client::{self, Client, ClientError, Method, RuntimeKey};
 use capsa_trust::config::Config;
-use capsa_trust::server::{self, ServeOptions};
+use capsa_trust::server::{self, ServeError, ServeOptions};
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
@@ -348,11 +348,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let data_dir = args.data_dir;
     let scheme = if options.tls.is_some() { "https" } else { "http" };
     runtime()?.block_on(async move {
-        let shutdown = async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|source| ServeError::Io { what: "cannot handle SIGTERM".into(), source })?;
+        let shutdown = async move {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
-                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+                _ = term.recv() => {}
             }
         };
         server::serve(
