@@ -30,8 +30,10 @@
 //! ```text
 //! <cache>/sha256/<hex>.json        one layer, keyed by its compressed digest:
 //!                                  {"diff_id", "size", "media_type"}
-//! <cache>/blobs/sha256/<hex>       manifests, indexes and configs, content-
-//!                                  addressed and re-verified on every read
+//! <cache>/blobs/sha256/<hex>       manifests, indexes and configs, and the
+//!                                  layer blobs [`layer_blob`] fetched or
+//!                                  extracted: content-addressed, re-verified
+//!                                  on every read
 //! <cache>/refs/<sha256(ref)>.json  the last digest a reference resolved to
 //! ```
 //!
@@ -42,6 +44,13 @@
 //! and, when the registry cannot be reached (or with
 //! [`ResolveOptions::offline`]), served from its last cached resolution with a
 //! warning. [`ResolvedImage::origin`] says which happened.
+//!
+//! # Layer blobs
+//!
+//! Resolution streams layers past a hasher and keeps none of them. A
+//! sandbox needs the blobs themselves: [`layer_blob`] gives the path of a
+//! local file holding exactly one layer's stored (compressed) bytes, checked
+//! against its digest (see there for where each source's files come from).
 //!
 //! # Example
 //!
@@ -57,6 +66,7 @@
 
 mod archive;
 mod auth;
+mod blob;
 mod cache;
 mod hash;
 mod layout;
@@ -524,7 +534,46 @@ pub enum ImageError {
         /// What is wrong.
         reason: String,
     },
-    /// The tokio runtime for [`resolve_blocking`] could not be built.
+    /// Offline, and a layer blob is not in the cache.
+    #[error(
+        "layer blob {digest} of {reference} is not available offline: {detail} (cache {}); fetch it once with the registry reachable", .cache.display()
+    )]
+    BlobNotCached {
+        /// The reference the layer belongs to.
+        reference: String,
+        /// The layer's (compressed) digest.
+        digest: String,
+        /// The cache directory.
+        cache: PathBuf,
+        /// Why it is not there: never fetched, or the cached copy is wrong.
+        detail: String,
+    },
+    /// A layer blob must be stored in the cache, and there is none.
+    #[error(
+        "no cache directory to store layer blob {digest} of {reference} in: set XDG_CACHE_HOME or HOME, or give a cache directory"
+    )]
+    NoBlobCache {
+        /// The reference the layer belongs to.
+        reference: String,
+        /// The layer's (compressed) digest.
+        digest: String,
+    },
+    /// The image in a docker-archive has no layer with the diff_id asked for.
+    #[error(
+        "{reference} in {source_desc} has no layer {digest} (diff_id {diff_id}): resolve the image again and use one of its layers"
+    )]
+    LayerNotInImage {
+        /// The reference being resolved.
+        reference: String,
+        /// The archive.
+        source_desc: String,
+        /// The layer's (compressed) digest.
+        digest: String,
+        /// The layer's diff_id.
+        diff_id: String,
+    },
+    /// The tokio runtime for [`resolve_blocking`] or [`layer_blob_blocking`]
+    /// could not be built.
     #[error("cannot start an async runtime: {0}")]
     Runtime(#[source] std::io::Error),
     /// A bug in capsa-oci.
@@ -571,6 +620,52 @@ pub fn resolve_blocking(
     runtime.block_on(resolve(reference, source, opts))
 }
 
+/// The path of a local file holding exactly the stored (compressed) bytes
+/// of `layer`, a layer [`resolve`] returned for `reference` from `source`:
+/// the file's size is `layer.size` and its SHA-256 is `layer.digest`,
+/// checked by this call.
+///
+/// - [`ImageSource::Registry`]: `<cache>/blobs/sha256/<hex>`. A cached copy
+///   is re-hashed and used; otherwise the blob is downloaded from the
+///   reference's repository, hashed while it streams to a temporary file in
+///   the cache, and renamed into place only once it matches (fsynced
+///   first). A wrong cached copy is fetched again, and replaced. With
+///   [`ResolveOptions::offline`] only the cache is used, and a missing blob
+///   is [`ImageError::BlobNotCached`].
+/// - [`ImageSource::OciLayout`] and a docker-archive unpacked in a
+///   directory: the blob file in the directory itself, after checking its
+///   size and digest. Nothing is copied; a change to the file after this
+///   check is caught in the sandbox, which checks every layer's diff_id
+///   against the policy as it unpacks.
+/// - [`ImageSource::OciArchive`] and a docker-archive tar: extracted, checked
+///   on the way, into `<cache>/blobs/sha256/<hex>`, as for a registry.
+///
+/// Nothing partial is ever left at a returned path or in the cache: a failed
+/// or cancelled copy removes its temporary file. `reference` names the
+/// repository for a registry and the image for a docker-archive (which names
+/// layers by path: the layer is found by its diff_id), and appears in errors.
+pub async fn layer_blob(
+    reference: &str,
+    source: &ImageSource,
+    opts: &ResolveOptions,
+    layer: &Layer,
+) -> Result<PathBuf, ImageError> {
+    blob::layer_blob(reference, source, opts, layer).await
+}
+
+/// [`layer_blob`] for callers without an async runtime: builds a
+/// current-thread tokio runtime and blocks on it. Must not be called from
+/// within a runtime.
+pub fn layer_blob_blocking(
+    reference: &str,
+    source: &ImageSource,
+    opts: &ResolveOptions,
+    layer: &Layer,
+) -> Result<PathBuf, ImageError> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(ImageError::Runtime)?;
+    runtime.block_on(layer_blob(reference, source, opts, layer))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -586,6 +681,16 @@ mod tests {
         for bad in ["", "linux", "linux/", "/amd64", "linux/amd64/", "a/b/c/d"] {
             assert!(bad.parse::<Platform>().is_err(), "{bad}");
         }
+    }
+
+    /// The futures can be spawned on a multi-threaded runtime.
+    #[test]
+    fn futures_are_send() {
+        fn send<T: Send>(_: T) {}
+        let (source, opts) = (ImageSource::Registry, ResolveOptions::default());
+        let layer = Layer { digest: String::new(), diff_id: String::new(), size: 0, media_type: String::new() };
+        send(resolve("r", &source, &opts));
+        send(layer_blob("r", &source, &opts, &layer));
     }
 
     #[test]

@@ -5,7 +5,9 @@
 
 mod support;
 
-use capsa_oci::image::{ImageError, ImageSource, ManifestOrigin, Platform, resolve_blocking};
+use capsa_oci::image::{
+    ImageError, ImageSource, ManifestOrigin, Platform, layer_blob, layer_blob_blocking, resolve_blocking,
+};
 use support::*;
 
 /// The busybox image written as a layout tagged `v1`.
@@ -238,4 +240,123 @@ fn not_a_layout() {
     assert!(err.to_string().contains("oci-layout"), "{err}");
     let err = resolve_blocking("v1", &ImageSource::OciArchive(dir.join("missing.tar")), &options(&dir)).unwrap_err();
     assert!(matches!(err, ImageError::Io { .. }), "{err}");
+}
+
+/// SHA-256 of a file, as `sha256:<hex>`.
+fn file_digest(path: &std::path::Path) -> String {
+    sha256(&std::fs::read(path).unwrap())
+}
+
+/// The temporary files the cache's blob directory holds (there must be none).
+fn temporaries(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".tmp"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn layer_blobs_from_a_layout_are_checked_in_place() {
+    let dir = TempDir::new("blob-layout");
+    let (image, layout) = busybox_layout(&dir);
+    let opts = options(&dir);
+    let source = ImageSource::OciLayout(layout.clone());
+    let resolved = resolve_blocking("v1", &source, &opts).unwrap();
+    for (l, built) in resolved.layers.iter().zip(&image.layers) {
+        let path = layer_blob_blocking("v1", &source, &opts, l).unwrap();
+        assert_eq!(path, blob_file(&layout, &l.digest), "the layout's own file, not a copy");
+        assert_eq!(file_digest(&path), l.digest);
+        assert_eq!(std::fs::read(&path).unwrap(), built.blob.bytes);
+    }
+    assert!(!dir.join("cache/blobs/sha256").join(resolved.layers[0].digest.strip_prefix("sha256:").unwrap()).exists());
+
+    // Changed after resolution: refused, by digest or by size.
+    let victim = blob_file(&layout, &resolved.layers[1].digest);
+    let mut bytes = std::fs::read(&victim).unwrap();
+    bytes[100] ^= 0x01;
+    std::fs::write(&victim, &bytes).unwrap();
+    let err = layer_blob_blocking("v1", &source, &opts, &resolved.layers[1]).unwrap_err();
+    assert!(
+        matches!(err, ImageError::DigestMismatch { ref expected, .. } if expected == &resolved.layers[1].digest),
+        "{err}"
+    );
+    bytes.pop();
+    std::fs::write(&victim, &bytes).unwrap();
+    let err = layer_blob_blocking("v1", &source, &opts, &resolved.layers[1]).unwrap_err();
+    assert!(matches!(err, ImageError::SizeMismatch { .. }), "{err}");
+    std::fs::remove_file(&victim).unwrap();
+    let err = layer_blob_blocking("v1", &source, &opts, &resolved.layers[1]).unwrap_err();
+    eprintln!("missing layout blob: {err}");
+    assert!(matches!(err, ImageError::InvalidLocalSource { .. }) && err.to_string().contains("missing"), "{err}");
+
+    // A digest that is not sha256 is refused before anything is read.
+    let mut odd = resolved.layers[0].clone();
+    odd.digest = "sha512:00".into();
+    let err = layer_blob_blocking("v1", &source, &opts, &odd).unwrap_err();
+    assert!(matches!(err, ImageError::Unsupported { .. }), "{err}");
+
+    // The async API, from inside a runtime.
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let path = rt.block_on(layer_blob("v1", &source, &opts, &resolved.layers[0])).unwrap();
+    assert_eq!(file_digest(&path), resolved.layers[0].digest);
+}
+
+#[test]
+fn layer_blobs_from_archives_are_extracted_to_the_cache() {
+    if !have("skopeo") {
+        return;
+    }
+    let dir = TempDir::new("blob-archive");
+    let (image, layout) = busybox_layout(&dir);
+    let opts = options(&dir);
+    let blobs = dir.join("cache/blobs/sha256");
+    let oci_archive = dir.join("image.oci.tar");
+    let docker_archive = dir.join("image.docker.tar");
+    let src = format!("oci:{}:v1", layout.display());
+    skopeo(&["copy", &src, &format!("oci-archive:{}:v1", oci_archive.display())]);
+    skopeo(&["copy", &src, &format!("docker-archive:{}:test/busybox:v1", docker_archive.display())]);
+
+    let source = ImageSource::OciArchive(oci_archive);
+    let resolved = resolve_blocking("v1", &source, &opts).unwrap();
+    for (l, built) in resolved.layers.iter().zip(&image.layers) {
+        let path = layer_blob_blocking("v1", &source, &opts, l).unwrap();
+        assert_eq!(path, blobs.join(l.digest.strip_prefix("sha256:").unwrap()));
+        assert_eq!(std::fs::read(&path).unwrap(), built.blob.bytes);
+    }
+    // A wrong cached copy is replaced from the archive.
+    let first = blobs.join(resolved.layers[0].digest.strip_prefix("sha256:").unwrap());
+    std::fs::write(&first, b"not the layer").unwrap();
+    let path = layer_blob_blocking("v1", &source, &opts, &resolved.layers[0]).unwrap();
+    assert_eq!(file_digest(&path), resolved.layers[0].digest);
+
+    // docker-archive: uncompressed layers found by diff_id, as a tar and
+    // unpacked in a directory (checked in place there).
+    let source = ImageSource::DockerArchive(docker_archive.clone());
+    let resolved = resolve_blocking("test/busybox:v1", &source, &opts).unwrap();
+    for l in &resolved.layers {
+        let path = layer_blob_blocking("test/busybox:v1", &source, &opts, l).unwrap();
+        assert_eq!(path, blobs.join(l.digest.strip_prefix("sha256:").unwrap()));
+        assert_eq!(file_digest(&path), l.digest);
+    }
+    let unpacked = dir.join("docker-dir");
+    tar::Archive::new(std::fs::File::open(&docker_archive).unwrap()).unpack(&unpacked).unwrap();
+    let source = ImageSource::DockerArchive(unpacked.clone());
+    for l in &resolved.layers {
+        let path = layer_blob_blocking("test/busybox:v1", &source, &opts, l).unwrap();
+        assert!(path.starts_with(&unpacked), "{}", path.display());
+        assert_eq!(file_digest(&path), l.digest);
+    }
+    // A layer the image does not have.
+    let mut other = resolved.layers[0].clone();
+    other.diff_id = sha256(b"another layer");
+    other.digest = other.diff_id.clone();
+    let err =
+        layer_blob_blocking("test/busybox:v1", &ImageSource::DockerArchive(docker_archive), &opts, &other).unwrap_err();
+    eprintln!("no such layer: {err}");
+    assert!(matches!(err, ImageError::LayerNotInImage { .. }), "{err}");
+    assert!(temporaries(&blobs).is_empty(), "{:?}", temporaries(&blobs));
 }

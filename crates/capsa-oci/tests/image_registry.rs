@@ -9,7 +9,7 @@ mod support;
 
 use capsa_oci::image::{
     CacheReason, ImageError, ImageSource, ManifestOrigin, Platform, ResolveOptions, ResolvedImage, Transport,
-    registry_transport, resolve, resolve_blocking,
+    layer_blob, layer_blob_blocking, registry_transport, resolve, resolve_blocking,
 };
 use support::*;
 
@@ -133,6 +133,101 @@ fn registry_resolution_cache_and_fallback_when_stopped() {
     let other = format!("{}/test/busybox:v2", registry.addr);
     let err = resolve_blocking(&other, &ImageSource::Registry, &opts).unwrap_err();
     assert!(matches!(err, ImageError::RegistryUnreachable { .. }), "{err}");
+}
+
+/// The names in the cache's blob directory that are temporary files.
+fn temporaries(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect()
+}
+
+#[test]
+fn layer_blobs_are_downloaded_checked_and_cached() {
+    if !have_tools() {
+        return;
+    }
+    let dir = TempDir::new("reg-blob");
+    let image = build_image(busybox_layers("amd64"), "amd64", None);
+    let layout = dir.join("layout");
+    write_layout(&layout, &image.blobs(), &[("v1", &image.manifest)]);
+    let mut registry = Registry::start();
+    let reference = push(&registry, &layout, "v1", "test/blobs", false);
+    let opts = options(&dir);
+    let offline = ResolveOptions { offline: true, ..opts.clone() };
+    let blobs = dir.join("cache/blobs/sha256");
+    let resolved = resolve_blocking(&reference, &ImageSource::Registry, &opts).unwrap();
+    let cached = |digest: &str| blobs.join(digest.strip_prefix("sha256:").unwrap());
+
+    // Offline before any download: a clear refusal.
+    let err = layer_blob_blocking(&reference, &ImageSource::Registry, &offline, &resolved.layers[0]).unwrap_err();
+    eprintln!("offline, never fetched: {err}");
+    assert!(matches!(err, ImageError::BlobNotCached { .. }) && err.to_string().contains("not cached"), "{err}");
+
+    // Downloaded into the content-addressed cache, exactly the blob.
+    let gets = registry.blob_gets();
+    for (l, built) in resolved.layers.iter().zip(&image.layers) {
+        let path = layer_blob_blocking(&reference, &ImageSource::Registry, &opts, l).unwrap();
+        assert_eq!(path, cached(&l.digest));
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(sha256(&bytes), l.digest);
+        assert_eq!(bytes, built.blob.bytes);
+    }
+    assert_eq!(registry.blob_gets(), gets + 3, "one download per layer:\n{}", registry.log());
+
+    // Again: from the cache, through the async API too.
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    for l in &resolved.layers {
+        let path = rt.block_on(layer_blob(&reference, &ImageSource::Registry, &opts, l)).unwrap();
+        assert_eq!(path, cached(&l.digest));
+    }
+    assert_eq!(registry.blob_gets(), gets + 3, "nothing downloaded the second time");
+
+    // A corrupt cached copy (one bit flipped, the size unchanged) is
+    // detected and fetched again.
+    let victim = cached(&resolved.layers[0].digest);
+    let mut bytes = std::fs::read(&victim).unwrap();
+    bytes[10] ^= 0x01;
+    std::fs::write(&victim, &bytes).unwrap();
+    let path = layer_blob_blocking(&reference, &ImageSource::Registry, &opts, &resolved.layers[0]).unwrap();
+    assert_eq!(sha256(&std::fs::read(&path).unwrap()), resolved.layers[0].digest);
+    assert_eq!(registry.blob_gets(), gets + 4, "the corrupt copy was fetched again");
+
+    // A layer whose descriptor understates its size: refused while it
+    // streams, and nothing is left in the cache.
+    let other = build_image(vec![layer(text_layer("other.txt", "other\n"), Comp::Gzip)], "amd64", None);
+    let other_layout = dir.join("other");
+    write_layout(&other_layout, &other.blobs(), &[("v1", &other.manifest)]);
+    let other_ref = push(&registry, &other_layout, "v1", "test/other", false);
+    let mut short = resolve_blocking(&other_ref, &ImageSource::Registry, &opts).unwrap().layers.remove(0);
+    short.size -= 1;
+    let err = layer_blob_blocking(&other_ref, &ImageSource::Registry, &opts, &short).unwrap_err();
+    assert!(matches!(err, ImageError::SizeMismatch { .. }), "{err}");
+    assert!(!cached(&short.digest).exists());
+    assert!(temporaries(&blobs).is_empty(), "{:?}", temporaries(&blobs));
+
+    // Registry stopped: the cached files are served.
+    registry.stop();
+    for l in &resolved.layers {
+        let path = layer_blob_blocking(&reference, &ImageSource::Registry, &opts, l).unwrap();
+        assert_eq!(sha256(&std::fs::read(&path).unwrap()), l.digest);
+    }
+    // ... but a blob never fetched cannot be.
+    short.size += 1;
+    let err = layer_blob_blocking(&other_ref, &ImageSource::Registry, &opts, &short).unwrap_err();
+    eprintln!("registry stopped, blob not cached: {err}");
+    assert!(matches!(err, ImageError::RegistryUnreachable { .. }), "{err}");
+
+    // Offline, a corrupt cached copy is refused.
+    let victim = cached(&resolved.layers[1].digest);
+    let bytes = std::fs::read(&victim).unwrap();
+    std::fs::write(&victim, &bytes[..bytes.len() - 1]).unwrap();
+    let err = layer_blob_blocking(&reference, &ImageSource::Registry, &offline, &resolved.layers[1]).unwrap_err();
+    eprintln!("offline, corrupt copy: {err}");
+    assert!(matches!(err, ImageError::BlobNotCached { ref detail, .. } if detail.contains("bytes")), "{err}");
+    assert!(temporaries(&blobs).is_empty(), "{:?}", temporaries(&blobs));
 }
 
 #[test]

@@ -11,14 +11,31 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
+    /// Stream a layer into the sandbox. The agent keeps it only if its
+    /// uncompressed bytes hash to `diff_id`; the policy admits only the
+    /// layers of its own containers.
+    AddLayer {
+        /// The layer's diff_id (`sha256:...` of the uncompressed tar).
+        diff_id: String,
+    },
     /// Create a container.
     CreateContainer(Box<CreateContainer>),
+    /// Start a created container's main process.
+    StartContainer {
+        /// Container name.
+        container: String,
+    },
     /// Run a further process in a container.
     ExecProcess {
         /// Container name.
         container: String,
         /// The process arguments.
         args: Vec<String>,
+    },
+    /// Wait until a container's process exits.
+    WaitProcess {
+        /// Container name.
+        container: String,
     },
     /// Send a signal to a container's process.
     SignalProcess {
@@ -49,6 +66,11 @@ pub enum Request {
     },
     /// Read sandbox metrics.
     GetMetrics,
+    /// Stop a container's processes and remove its root filesystem.
+    RemoveContainer {
+        /// Container name.
+        container: String,
+    },
     /// Shut the sandbox down.
     Shutdown,
     /// Replace the policy.
@@ -123,16 +145,53 @@ impl Request {
     /// The operation name as it appears in `op`.
     pub fn op(&self) -> &'static str {
         match self {
+            Self::AddLayer { .. } => "add_layer",
             Self::CreateContainer(_) => "create_container",
+            Self::StartContainer { .. } => "start_container",
             Self::ExecProcess { .. } => "exec_process",
+            Self::WaitProcess { .. } => "wait_process",
             Self::SignalProcess { .. } => "signal_process",
             Self::ReadStdio { .. } => "read_stdio",
             Self::WriteStdin { .. } => "write_stdin",
             Self::CopyFile { .. } => "copy_file",
             Self::GetLogs { .. } => "get_logs",
             Self::GetMetrics => "get_metrics",
+            Self::RemoveContainer { .. } => "remove_container",
             Self::Shutdown => "shutdown",
             Self::UpdatePolicy => "update_policy",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `op()` names each request as its JSON does, which the rules match on.
+    #[test]
+    fn op_is_the_json_tag() {
+        let container = || "app".to_owned();
+        let requests = [
+            Request::AddLayer { diff_id: "sha256:01".into() },
+            Request::StartContainer { container: container() },
+            Request::ExecProcess { container: container(), args: vec![] },
+            Request::WaitProcess { container: container() },
+            Request::SignalProcess { container: container(), signal: 15 },
+            Request::ReadStdio { container: container() },
+            Request::WriteStdin { container: container() },
+            Request::CopyFile { path: "/x".into() },
+            Request::GetLogs { container: container() },
+            Request::GetMetrics,
+            Request::RemoveContainer { container: container() },
+            Request::Shutdown,
+            Request::UpdatePolicy,
+        ];
+        for request in requests {
+            let json = serde_json::to_value(&request).unwrap();
+            assert_eq!(json["op"], request.op(), "{json}");
+            assert_eq!(serde_json::from_value::<Request>(json).unwrap(), request);
+        }
+        let json = serde_json::json!({"op": "add_layer", "diff_id": "sha256:01"});
+        assert_eq!(serde_json::from_value::<Request>(json).unwrap(), Request::AddLayer { diff_id: "sha256:01".into() });
     }
 }

@@ -16,7 +16,9 @@ use clap::{Args, Parser, Subcommand};
 
 mod output;
 use output::outln;
+mod guest;
 mod policy;
+mod run;
 mod trust;
 
 #[derive(Parser)]
@@ -42,6 +44,21 @@ enum Command {
     /// The trust service: attestation, tokens, and a key broker with secure key release.
     #[command(subcommand)]
     Trust(trust::TrustCommand),
+    /// The guest image a sandbox boots: kernel, initramfs with capsa-agent as /init, command line.
+    #[command(subcommand)]
+    Guest(guest::GuestCommand),
+    /// Print the launch digest (the sim platform's MEASUREMENT) of a kernel, initrd and command line.
+    Measure(guest::MeasureArgs),
+    /// Run a pod (or one image under a policy) in a confidential sandbox; exits with the workload's code.
+    Run(run::RunArgs),
+    /// List running sandboxes.
+    Ps(run::PsArgs),
+    /// Run a command in a running container (if its policy allows).
+    Exec(run::ExecArgs),
+    /// Print what a sandbox's container has written (if its policy allows).
+    Logs(run::LogsArgs),
+    /// Stop a running sandbox.
+    Stop(run::StopArgs),
 }
 
 #[derive(Subcommand)]
@@ -163,8 +180,14 @@ pub(crate) struct Refused(pub(crate) String);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+    // Commands that pass on a workload's exit code return it themselves.
+    let result = match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Exec(args) => run::exec(args),
+        command => run(Cli { command }).map(|()| ExitCode::SUCCESS),
+    };
+    match result {
+        Ok(code) => code,
         Err(err) => {
             let _ = writeln!(std::io::stderr(), "capsa: {}", one_line(&err));
             ExitCode::from(exit_code(&err))
@@ -201,6 +224,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Policy(cmd) => policy::run(cmd),
         Command::Verity(args) => policy::verity(args),
         Command::Trust(cmd) => trust::run(cmd),
+        Command::Guest(cmd) => guest::run(cmd),
+        Command::Measure(args) => guest::measure(args),
+        Command::Run(_) | Command::Exec(_) => Err(anyhow::anyhow!("handled in main")),
+        Command::Ps(args) => run::ps(args),
+        Command::Logs(args) => run::logs(args),
+        Command::Stop(args) => run::stop(args),
     }
 }
 

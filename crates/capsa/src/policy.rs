@@ -111,10 +111,16 @@ pub struct VerityArgs {
 /// the same image in several containers (init containers, sidecars); each
 /// reference is resolved once per run, so the registry is asked once and
 /// every container is pinned to the same digest.
-struct OciResolver {
+pub(crate) struct OciResolver {
     source: ImageSource,
     options: ResolveOptions,
     resolved: std::collections::HashMap<String, ImageFacts>,
+}
+
+impl OciResolver {
+    pub(crate) fn new(source: ImageSource, options: ResolveOptions) -> Self {
+        Self { source, options, resolved: Default::default() }
+    }
 }
 
 impl ImageResolver for OciResolver {
@@ -148,7 +154,7 @@ pub fn run(cmd: PolicyCommand) -> anyhow::Result<()> {
     }
 }
 
-fn text(path: &std::path::Path) -> anyhow::Result<String> {
+pub(crate) fn text(path: &std::path::Path) -> anyhow::Result<String> {
     String::from_utf8(read(path)?).map_err(|_| UsageError(format!("{} is not UTF-8 text", path.display())).into())
 }
 

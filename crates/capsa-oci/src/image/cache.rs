@@ -49,27 +49,63 @@ static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 /// directory, fsynced, renamed over `path`, then the directory fsynced.
 /// Readers see the old file or the new one, never a torn one.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = path.parent().ok_or_else(|| io::Error::other("path has no parent directory"))?;
-    fs::create_dir_all(dir)?;
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("blob");
-    let tmp = dir.join(format!(".{name}.{}.{}.tmp", std::process::id(), TMP_COUNTER.fetch_add(1, Ordering::Relaxed)));
-    let result = (|| {
-        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        drop(f);
-        fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+    let (staged, mut f) = Staged::create(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    staged.persist()
+}
+
+/// A temporary file beside its destination, renamed into place once
+/// complete. Dropped before [`Staged::persist`] (an error, a panic, a
+/// cancelled download), it removes the temporary file, so that nothing
+/// partial is left behind and nothing partial is ever at the destination.
+#[derive(Debug)]
+pub(crate) struct Staged {
+    tmp: PathBuf,
+    dest: PathBuf,
+    persisted: bool,
+}
+
+impl Staged {
+    /// Creates the directory of `dest` and a new, empty temporary file in it.
+    pub(crate) fn create(dest: &Path) -> io::Result<(Self, File)> {
+        let dir = dest.parent().ok_or_else(|| io::Error::other("path has no parent directory"))?;
+        fs::create_dir_all(dir)?;
+        let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("blob");
+        let tmp =
+            dir.join(format!(".{name}.{}.{}.tmp", std::process::id(), TMP_COUNTER.fetch_add(1, Ordering::Relaxed)));
+        let file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        Ok((Self { tmp, dest: dest.to_path_buf(), persisted: false }, file))
     }
-    result?;
-    // Make the rename itself durable. Some filesystems refuse to fsync a
-    // directory; the data is already safe then, so that is not an error.
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
+
+    /// The temporary file, for error messages.
+    pub(crate) fn tmp(&self) -> &Path {
+        &self.tmp
     }
-    Ok(())
+
+    /// Renames the temporary file over the destination, then fsyncs the
+    /// directory. The caller has written, fsynced and closed the file.
+    pub(crate) fn persist(mut self) -> io::Result<()> {
+        fs::rename(&self.tmp, &self.dest)?;
+        self.persisted = true;
+        // Make the rename itself durable. Some filesystems refuse to fsync a
+        // directory; the data is already safe then, so that is not an error.
+        if let Some(dir) = self.dest.parent() {
+            if let Ok(d) = File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.persisted {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 /// Reads at most `limit` bytes of `path`; `None` if absent, unreadable or
@@ -96,7 +132,9 @@ impl Cache {
         self.root.join("sha256").join(format!("{}.json", digest.hex()))
     }
 
-    fn blob_path(&self, digest: &Digest) -> PathBuf {
+    /// Where a blob with this digest lives: manifests, indexes and configs
+    /// (see [`Cache::blob`]) and the layer blobs `layer_blob` fetches.
+    pub(crate) fn blob_path(&self, digest: &Digest) -> PathBuf {
         self.root.join("blobs").join("sha256").join(digest.hex())
     }
 

@@ -387,7 +387,7 @@ fn platform_fits(have: &super::Platform, want: &super::Platform) -> bool {
         && (want.variant.is_none() || have.variant.is_none() || have.variant == want.variant)
 }
 
-fn parse_reference(reference: &str) -> Result<Reference, ImageError> {
+pub(crate) fn parse_reference(reference: &str) -> Result<Reference, ImageError> {
     Reference::try_from(reference)
         .map_err(|e| ImageError::InvalidReference { reference: reference.to_owned(), reason: e.to_string() })
 }

@@ -134,13 +134,33 @@ op_ok if {
 	copy_file_ok
 }
 
+op_ok if {
+	input.op == "add_layer"
+	add_layer_ok
+}
+
+# Starting, waiting for and removing a container cannot change what runs
+# (creation decided that), so a container the policy knows is enough; the
+# rules still see these requests, so that every host request is decided.
+op_ok if {
+	input.op in lifecycle_ops
+	container
+}
+
 known_ops := {
-	"create_container", "exec_process", "signal_process", "read_stdio", "write_stdin",
-	"copy_file", "get_logs", "get_metrics", "shutdown", "update_policy",
+	"add_layer", "create_container", "start_container", "exec_process", "wait_process", "signal_process",
+	"read_stdio", "write_stdin", "copy_file", "get_logs", "get_metrics", "remove_container", "shutdown",
+	"update_policy",
 }
 
 # Operations that name a container in `input.container`.
-container_ops := {"create_container", "exec_process", "signal_process", "read_stdio", "write_stdin", "get_logs"}
+container_ops := {
+	"create_container", "start_container", "exec_process", "wait_process", "signal_process", "read_stdio",
+	"write_stdin", "get_logs", "remove_container",
+}
+
+# Operations on a known container that need no further permission.
+lifecycle_ops := {"start_container", "wait_process", "remove_container"}
 
 # Operations decided by a sandbox-wide boolean alone.
 sandbox_ops := {"get_metrics", "shutdown", "update_policy"}
@@ -939,6 +959,30 @@ copy_file_message := sprintf("path must be a string, got %s", [type_name(req("pa
 } else := sprintf("path %v must be absolute, without . or .. components", [req("path")]) if {
 	not clean_path(req("path"))
 } else := sprintf("path %v matches none of the policy's copy_file patterns", [req("path")])
+
+# ---------------------------------------------------------------------------
+# add_layer: a layer of one of the policy's containers
+# ---------------------------------------------------------------------------
+
+# Every diff_id of every container. The agent checks that the streamed bytes
+# hash to the diff_id; this check keeps layers no container may use (and
+# the space they take) out of the sandbox.
+policy_layers := {l | some c in policy_data.containers; some l in c.layers}
+
+add_layer_ok if {
+	is_string(input.diff_id)
+	input.diff_id in policy_layers
+}
+
+reasons contains r if {
+	input.op == "add_layer"
+	not add_layer_ok
+	r := reason("add_layer.diff_id", "diff_id", sort(policy_layers), req("diff_id"), add_layer_message)
+}
+
+add_layer_message := sprintf("diff_id must be a string, got %s", [type_name(req("diff_id"))]) if {
+	not is_string(req("diff_id"))
+} else := sprintf("layer %v is not a layer of any container in the policy", [req("diff_id")])
 
 policy_data := {
   "version": 1,

@@ -1,0 +1,347 @@
+//! What a well-behaved host asks of a sandbox: the requests that conform
+//! to the policy, layers streamed in, output streamed out.
+//!
+//! The host is not trusted, so nothing here is a check: the agent decides.
+//! This module is the host doing its honest best, which is also what tests
+//! start from when they play a dishonest host.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+
+use capsa_agent::protocol::{self, Call, Compression, CreateContainer, Mount, ProcessRef, Reply, Stream, User};
+use capsa_policy::model::{ContainerPolicy, SourceMatch};
+
+use crate::client::{AgentClient, CallError};
+
+/// Why a pod step failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PodError {
+    /// The agent refused or failed a call.
+    #[error(transparent)]
+    Call(#[from] CallError),
+    /// A local file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A mount source pattern in the policy names no path this runtime
+    /// provides.
+    #[error(
+        "mount {destination}: the policy's source pattern {pattern:?} does not name a path capsa's runtime provides"
+    )]
+    MountSource {
+        /// The mount's destination.
+        destination: String,
+        /// The policy's pattern.
+        pattern: String,
+    },
+    /// The agent answered with something other than what the call returns.
+    #[error("the agent answered {call} with {reply:?}")]
+    Unexpected {
+        /// The call.
+        call: &'static str,
+        /// The reply.
+        reply: Box<Reply>,
+    },
+    /// Writing output failed.
+    #[error("cannot write the container's output: {0}")]
+    Output(std::io::Error),
+}
+
+/// A layer blob on the host, ready to stream in.
+#[derive(Debug, Clone)]
+pub struct LayerSource {
+    /// Its diff_id.
+    pub diff_id: String,
+    /// How the blob is compressed.
+    pub compression: Compression,
+    /// The compressed blob.
+    pub path: PathBuf,
+}
+
+/// The `create_container` request that conforms to `policy` in the sandbox
+/// `sandbox_id`: the policy's own values, and for mount sources the policy
+/// leaves to the runtime (patterns), the paths capsa's runtime uses.
+pub fn conforming_request(sandbox_id: &str, policy: &ContainerPolicy) -> Result<CreateContainer, PodError> {
+    let mut mounts = Vec::with_capacity(policy.mounts.len());
+    for m in &policy.mounts {
+        let source = match &m.source {
+            SourceMatch::Exact(s) => s.clone(),
+            SourceMatch::Pattern(p) => runtime_path(p, sandbox_id, &policy.name)
+                .ok_or_else(|| PodError::MountSource { destination: m.destination.clone(), pattern: p.clone() })?,
+        };
+        mounts.push(Mount {
+            source,
+            destination: m.destination.clone(),
+            fs_type: m.fs_type.clone(),
+            options: m.options.clone(),
+        });
+    }
+    Ok(CreateContainer {
+        container: policy.name.clone(),
+        image: policy.image_digest.clone(),
+        layers: policy.layers.clone(),
+        args: policy.args.clone(),
+        env: policy.env.exact.clone(),
+        working_dir: policy.working_dir.clone(),
+        user: User { uid: policy.user.uid, gid: policy.user.gid, groups: policy.user.groups.clone() },
+        capabilities: policy.capabilities.clone(),
+        privileged: policy.privileged,
+        no_new_privileges: policy.no_new_privileges,
+        seccomp_profile_sha256: policy.seccomp_profile_sha256.clone(),
+        mounts,
+        read_only_rootfs: policy.read_only_rootfs,
+        sysctls: policy.sysctls.clone(),
+    })
+}
+
+/// The path the runtime uses where the policy allows a pattern: the
+/// per-sandbox segment (`[a-z0-9-]+`) is the sandbox id, a second such
+/// segment the container's name, escapes are removed; the result must match
+/// the pattern, or there is no such path.
+fn runtime_path(pattern: &str, sandbox_id: &str, container: &str) -> Option<String> {
+    const SEGMENT: &str = "[a-z0-9-]+";
+    let with_id = pattern.replacen(SEGMENT, sandbox_id, 1);
+    let with_name = with_id.replacen(SEGMENT, container, 1);
+    let mut path = String::with_capacity(with_name.len());
+    let mut chars = with_name.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            path.extend(chars.next());
+        } else {
+            path.push(c);
+        }
+    }
+    // What is left must be a plain path: a pattern the runtime has no
+    // convention for (`/data/.*`) would otherwise "match" its own text.
+    if path.contains(['*', '+', '?', '[', ']', '(', ')', '{', '}', '|', '^', '$']) {
+        return None;
+    }
+    let anchored = regex::Regex::new(&format!("^(?:{pattern})$")).ok()?;
+    anchored.is_match(&path).then_some(path)
+}
+
+/// Streams a layer into the sandbox; returns the size the agent verified.
+pub fn push_layer(client: &AgentClient, layer: &LayerSource) -> Result<u64, PodError> {
+    let read_err = |source| PodError::Read { path: layer.path.display().to_string(), source };
+    let mut file = File::open(&layer.path).map_err(read_err)?;
+    let (reply, _) =
+        client.call(Call::AddLayer { diff_id: layer.diff_id.clone(), compression: layer.compression }, &[])?;
+    let Reply::UploadOpened { upload } = reply else {
+        return Err(PodError::Unexpected { call: "add_layer", reply: Box::new(reply) });
+    };
+    let mut chunk = vec![0u8; protocol::CHUNK];
+    let mut next = read_full(&mut file, &mut chunk).map_err(read_err)?;
+    loop {
+        let current = chunk.get(..next).unwrap_or_default().to_vec();
+        let following = if next == chunk.len() { read_full(&mut file, &mut chunk).map_err(read_err)? } else { 0 };
+        let last = following == 0;
+        let (reply, _) = client.call(Call::LayerChunk { upload, last }, &current)?;
+        match reply {
+            Reply::ChunkAccepted if !last => {}
+            Reply::LayerCommitted { size, .. } if last => return Ok(size),
+            other => return Err(PodError::Unexpected { call: "layer_chunk", reply: Box::new(other) }),
+        }
+        next = following;
+    }
+}
+
+fn read_full(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let Some(rest) = buf.get_mut(filled..) else { break };
+        match file.read(rest)? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
+}
+
+/// Writes `bytes` to `path` in the guest.
+pub fn copy_file(client: &AgentClient, path: &str, bytes: &[u8], mode: u32) -> Result<(), PodError> {
+    let mut offset = 0u64;
+    let mut chunks = bytes.chunks(protocol::CHUNK).peekable();
+    if chunks.peek().is_none() {
+        client.call(Call::CopyFile { path: path.to_owned(), mode, offset: 0, last: true }, &[])?;
+        return Ok(());
+    }
+    while let Some(chunk) = chunks.next() {
+        let last = chunks.peek().is_none();
+        client.call(Call::CopyFile { path: path.to_owned(), mode, offset, last }, chunk)?;
+        offset += chunk.len() as u64;
+    }
+    Ok(())
+}
+
+/// Copies a process's output stream to `sink` until it ends.
+pub fn stream_output(
+    client: &AgentClient,
+    process: &ProcessRef,
+    stream: Stream,
+    sink: &mut dyn Write,
+) -> Result<(), PodError> {
+    loop {
+        let (reply, bytes) = client.call(Call::ReadStdio { process: process.clone(), stream }, &[])?;
+        let Reply::Stdio { eof } = reply else {
+            return Err(PodError::Unexpected { call: "read_stdio", reply: Box::new(reply) });
+        };
+        sink.write_all(&bytes).map_err(PodError::Output)?;
+        sink.flush().map_err(PodError::Output)?;
+        if eof {
+            return Ok(());
+        }
+    }
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitCode {
+    /// Its exit code, if it exited.
+    pub code: Option<i32>,
+    /// The signal that ended it, if one did.
+    pub signal: Option<i32>,
+}
+
+impl ExitCode {
+    /// The shell's view: the code, or 128 + the signal.
+    pub fn shell(self) -> i32 {
+        self.code.or(self.signal.map(|s| 128 + s)).unwrap_or(255)
+    }
+}
+
+/// Waits for a process to exit.
+pub fn wait(client: &AgentClient, process: &ProcessRef) -> Result<ExitCode, PodError> {
+    let (reply, _) = client.call(Call::WaitProcess { process: process.clone() }, &[])?;
+    match reply {
+        Reply::ProcessExited { code, signal } => Ok(ExitCode { code, signal }),
+        other => Err(PodError::Unexpected { call: "wait_process", reply: Box::new(other) }),
+    }
+}
+
+/// The size of a sandbox, from its pod's resources.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resources {
+    /// Virtual CPUs: the containers' CPU limits (else requests) added up
+    /// and rounded up, at least 1.
+    pub cpus: u32,
+    /// Guest memory in MiB: the containers' memory limits (else requests)
+    /// plus [`GUEST_OVERHEAD_MIB`] for the guest kernel, agent and layers.
+    pub memory_mib: u32,
+}
+
+/// Memory a sandbox gets beyond its containers' limits.
+pub const GUEST_OVERHEAD_MIB: u32 = 256;
+
+/// Reads `spec.containers[*].resources` of a pod manifest. A pod without
+/// limits gets 1 CPU and 512 MiB (the overhead plus 256 MiB). Values that
+/// do not parse are ignored: sizing is the host's business, not a check.
+pub fn resources_from_pod_yaml(text: &str) -> Resources {
+    let mut millicpus = 0u64;
+    let mut memory = 0u64;
+    let mut any_memory = false;
+    let pod: serde_norway::Value = serde_norway::from_str(text).unwrap_or(serde_norway::Value::Null);
+    let containers = pod.get("spec").and_then(|s| s.get("containers")).and_then(|c| c.as_sequence());
+    for container in containers.into_iter().flatten() {
+        let resources = container.get("resources");
+        let pick = |key: &str| {
+            let limits = resources.and_then(|r| r.get("limits")).and_then(|l| l.get(key));
+            let requests = resources.and_then(|r| r.get("requests")).and_then(|l| l.get(key));
+            limits.or(requests).and_then(quantity_text)
+        };
+        if let Some(cpu) = pick("cpu").and_then(|q| parse_cpu(&q)) {
+            millicpus += cpu;
+        }
+        if let Some(bytes) = pick("memory").and_then(|q| parse_memory(&q)) {
+            memory += bytes;
+            any_memory = true;
+        }
+    }
+    let cpus = u32::try_from(millicpus.div_ceil(1000)).unwrap_or(u32::MAX).max(1);
+    let workload_mib = if any_memory { memory.div_ceil(1 << 20) } else { 256 };
+    let memory_mib = u32::try_from(workload_mib).unwrap_or(u32::MAX).saturating_add(GUEST_OVERHEAD_MIB);
+    Resources { cpus, memory_mib }
+}
+
+fn quantity_text(value: &serde_norway::Value) -> Option<String> {
+    match value {
+        serde_norway::Value::String(s) => Some(s.clone()),
+        serde_norway::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// Kubernetes CPU quantity in millicores: `500m`, `2`, `0.5`.
+fn parse_cpu(q: &str) -> Option<u64> {
+    if let Some(milli) = q.strip_suffix('m') {
+        return milli.parse().ok();
+    }
+    let cores: f64 = q.parse().ok()?;
+    (cores.is_finite() && cores >= 0.0).then(|| (cores * 1000.0).ceil() as u64)
+}
+
+/// Kubernetes memory quantity in bytes: `128Mi`, `1Gi`, `500M`, `1e9`, `4096`.
+fn parse_memory(q: &str) -> Option<u64> {
+    const SUFFIXES: [(&str, u64); 10] = [
+        ("Ki", 1 << 10),
+        ("Mi", 1 << 20),
+        ("Gi", 1 << 30),
+        ("Ti", 1 << 40),
+        ("k", 1_000),
+        ("K", 1_000),
+        ("M", 1_000_000),
+        ("G", 1_000_000_000),
+        ("T", 1_000_000_000_000),
+        ("", 1),
+    ];
+    for (suffix, unit) in SUFFIXES {
+        if let Some(number) = q.strip_suffix(suffix) {
+            if let Ok(n) = number.parse::<u64>() {
+                return n.checked_mul(unit);
+            }
+            if suffix.is_empty() {
+                let n: f64 = number.parse().ok()?;
+                return (n.is_finite() && n >= 0.0).then_some(n as u64);
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_resources_size_the_sandbox() {
+        let pod = "spec:\n  containers:\n  - name: a\n    resources:\n      limits: {cpu: 500m, memory: 128Mi}\n  - name: b\n    resources:\n      requests: {cpu: '1', memory: 64Mi}\n";
+        assert_eq!(resources_from_pod_yaml(pod), Resources { cpus: 2, memory_mib: 128 + 64 + GUEST_OVERHEAD_MIB });
+        assert_eq!(resources_from_pod_yaml("spec: {containers: [{name: a}]}"), Resources { cpus: 1, memory_mib: 512 });
+        assert_eq!(parse_memory("1Gi"), Some(1 << 30));
+        assert_eq!(parse_memory("1e9"), Some(1_000_000_000));
+        assert_eq!(parse_cpu("0.25"), Some(250));
+        assert_eq!(parse_memory("lots"), None);
+    }
+
+    #[test]
+    fn pattern_sources_become_the_runtime_paths() {
+        assert_eq!(
+            runtime_path("/run/capsa/sandboxes/[a-z0-9-]+/resolv\\.conf", "pod-1", "web").as_deref(),
+            Some("/run/capsa/sandboxes/pod-1/resolv.conf")
+        );
+        assert_eq!(
+            runtime_path("/run/capsa/sandboxes/[a-z0-9-]+/termination-log/[a-z0-9-]+", "pod-1", "web").as_deref(),
+            Some("/run/capsa/sandboxes/pod-1/termination-log/web")
+        );
+        assert_eq!(
+            runtime_path("/run/capsa/sandboxes/[a-z0-9-]+/volumes/cache", "p", "c").as_deref(),
+            Some("/run/capsa/sandboxes/p/volumes/cache")
+        );
+        assert_eq!(runtime_path("/data/.*", "p", "c"), None);
+    }
+}
