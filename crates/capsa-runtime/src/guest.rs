@@ -33,8 +33,10 @@ use crate::modules::{ModuleIndex, ModulesError};
 
 /// The kernel command line unless one is given: the microVM's serial
 /// console, a fixed TSC frequency (TCG guests otherwise spend seconds
-/// calibrating it), reboot (which the launcher turns into exit) on panic.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 tsc_early_khz=2000000 panic=-1 quiet";
+/// calibrating it), reboot (which the launcher turns into exit) on panic,
+/// and no PCI probing (a microVM has no PCI bus; probing only prints an
+/// error).
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 tsc_early_khz=2000000 panic=-1 pci=off quiet";
 
 /// The modules the guest loads, by name; their dependencies are added.
 ///

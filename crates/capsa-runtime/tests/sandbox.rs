@@ -326,6 +326,37 @@ fn a_dishonest_host_is_refused_and_the_sandbox_stays_healthy() {
     let Reply::Metrics(metrics) = reply else { panic!("{reply:?}") };
     assert!(metrics.containers.iter().any(|c| c.name == "app" && c.state == "running"), "{metrics:?}");
 
+    // What a generated policy keeps from the host: files into the guest,
+    // the workload's stdin, signals other than SIGTERM and SIGKILL.
+    refused(
+        client.call(Call::CopyFile { path: "/run/capsa/evil".into(), mode: 0o644, offset: 0, last: true }, b"x"),
+        FailureKind::Denied,
+        &["copy_file"],
+    );
+    refused(
+        client.call(Call::WriteStdin { process: main.clone(), close: true }, b"rm -rf /\n"),
+        FailureKind::Denied,
+        &["write_stdin"],
+    );
+    refused(
+        client.call(Call::SignalProcess { process: main.clone(), signal: 10 }, &[]),
+        FailureKind::Denied,
+        &["signal_process"],
+    );
+    healthy(&client);
+    // SIGKILL is allowed. (SIGTERM is too, but the shell is PID 1 of its
+    // namespace and, like any init without a handler, ignores it.)
+    client.call(Call::SignalProcess { process: main.clone(), signal: 9 }, &[]).unwrap();
+    let exit = pod::wait(&client, &main).unwrap();
+    assert_eq!(exit.shell(), 128 + 9, "{exit:?}");
+    let (_, logs) = client.call(Call::GetLogs { container: "app".into() }, &[]).unwrap();
+    assert!(String::from_utf8_lossy(&logs).contains("hello from the sandbox"), "{}", String::from_utf8_lossy(&logs));
+    client.call(Call::RemoveContainer { container: "app".into() }, &[]).unwrap();
+    refused(client.call(Call::StartContainer { container: "app".into() }, &[]), FailureKind::NotFound, &["app"]);
+    let (reply, _) = client.call(Call::GetMetrics, &[]).unwrap();
+    let Reply::Metrics(metrics) = reply else { panic!("{reply:?}") };
+    assert!(metrics.containers.is_empty(), "{metrics:?}");
+
     let status = sandbox.stop(Duration::from_secs(20));
     assert!(status.success() || status.code().is_some(), "QEMU ended: {status}");
     assert!(!sandbox.running());

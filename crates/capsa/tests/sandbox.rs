@@ -254,6 +254,16 @@ fn ps_exec_logs_stop_and_sigkill_leave_nothing_behind() {
     assert!(!status.success(), "a stopped workload is not a success: {status}");
     assert_nothing_left(&id);
 
+    // `capsa run` interrupted (Ctrl-C): it stops everything and says so.
+    let id = format!("int-{}", std::process::id());
+    let mut child = start(&id);
+    wait_listed(home, &id, &mut child);
+    assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("interrupted"));
+    assert_nothing_left(&id);
+
     // `capsa run` killed with SIGKILL.
     let id = format!("kill-{}", std::process::id());
     let mut child = start(&id);
