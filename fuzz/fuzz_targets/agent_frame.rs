@@ -1,13 +1,14 @@
 //! Host↔guest frames: the input, read as a stream of frames until the first
 //! error, as `Message` (the RPC port, read by both sides), `SimRequest` and
-//! `SimResponse` (the sim port) and `ControlRequest` (the control socket).
+//! `SimResponse` (the sim port), `Forward` (the forwarding port) and
+//! `ControlRequest` (the control socket).
 //! A frame that parses re-encodes with `write_frame` and reads back to an
 //! equal header and payload, consuming exactly what was written.
 #![no_main]
 
 use std::fmt::Debug;
 
-use capsa_agent::protocol::{Frame, Message, SimRequest, SimResponse, read_frame, write_frame};
+use capsa_agent::protocol::{Forward, Frame, Message, SimRequest, SimResponse, read_frame, write_frame};
 use capsa_runtime::control::ControlRequest;
 use libfuzzer_sys::fuzz_target;
 use serde::Serialize;
@@ -30,5 +31,6 @@ fuzz_target!(|data: &[u8]| {
     frames::<Message>(data);
     frames::<SimRequest>(data);
     frames::<SimResponse>(data);
+    frames::<Forward>(data);
     frames::<ControlRequest>(data);
 });

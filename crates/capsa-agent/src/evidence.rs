@@ -57,7 +57,7 @@ pub fn launch_values(evidence: &Evidence) -> Result<LaunchValues, AttestError> {
 
 /// The attester for this guest: the SNP guest device, configfs-tsm, or the
 /// sim port, in that order; `None` when the guest has none of them.
-pub fn guest_attester() -> Option<Box<dyn Attester + Send + Sync>> {
+pub fn guest_attester() -> Option<Box<dyn GuestAttester>> {
     if Path::new("/dev/sev-guest").exists() {
         return Some(Box::new(SnpGuestAttester::default()));
     }
@@ -72,12 +72,32 @@ pub fn guest_attester() -> Option<Box<dyn Attester + Send + Sync>> {
 pub struct SimPortAttester {
     path: PathBuf,
     port: Mutex<Option<File>>,
+    chain: Mutex<Option<String>>,
 }
 
 impl SimPortAttester {
     /// An attester talking to the port device at `path`.
     pub fn new(path: PathBuf) -> Self {
-        Self { path, port: Mutex::new(None) }
+        Self { path, port: Mutex::new(None), chain: Mutex::new(None) }
+    }
+}
+
+/// Evidence and what a verifier needs beside it.
+pub trait GuestAttester: Attester + Send + Sync {
+    /// The VCEK and its chain (PEM) that endorse the last report, when this
+    /// attester has them; `None` leaves it to the verifier's certificate
+    /// cache.
+    fn vcek_chain_pem(&self) -> Option<String> {
+        None
+    }
+}
+
+impl GuestAttester for SnpGuestAttester {}
+impl GuestAttester for ConfigFsTsmAttester {}
+
+impl GuestAttester for SimPortAttester {
+    fn vcek_chain_pem(&self) -> Option<String> {
+        self.chain.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 }
 
@@ -113,6 +133,9 @@ impl Attester for SimPortAttester {
         };
         if let Some(reason) = header.error {
             return Err(AttestError::Firmware { what: "sim platform service", reason });
+        }
+        if let Some(chain) = header.vcek_chain_pem {
+            *self.chain.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(chain);
         }
         let report = capsa_tee::snp::Report::parse(&payload)
             .map_err(|e| AttestError::Response { what: "sim platform service", reason: e.to_string() })?;

@@ -19,8 +19,12 @@
 
 pub mod container;
 pub mod evidence;
+pub mod forward;
 pub mod init;
 pub mod layer;
+pub mod net;
 pub mod protocol;
 pub mod reaper;
 pub mod server;
+pub mod service;
+pub mod workload;

@@ -34,6 +34,9 @@ pub const CHUNK: usize = 1 << 20;
 pub const RPC_PORT: &str = "capsa.rpc";
 /// The virtio-serial port name of the sim platform's report service.
 pub const SIM_PORT: &str = "capsa.sim";
+/// The virtio-serial port name of the forwarded connections to the trust
+/// services the initdata names.
+pub const FORWARD_PORT: &str = "capsa.fwd";
 
 /// Why a frame could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -471,6 +474,46 @@ pub struct SimRequest {
 pub struct SimResponse {
     /// Why no report was produced; `None` when the payload holds one.
     pub error: Option<String>,
+    /// The sim VCEK and its chain (PEM, VCEK first), which a verifier
+    /// needs beside the report, as hardware guests get from an extended
+    /// report.
+    #[serde(default)]
+    pub vcek_chain_pem: Option<String>,
+}
+
+/// A message on the forwarding port: TCP connections from the guest to the
+/// trust-service endpoints its initdata names, carried over the host. TLS
+/// terminates in the guest, so the host relays bytes it cannot read; it
+/// opens only endpoints the initdata names, and the guest's own TLS and the
+/// key broker's wrapping make a relay to anywhere else useless anyway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Forward {
+    /// Guest to host: open a connection to `endpoint` (`host:port`).
+    Open {
+        /// Chosen by the guest, unique among its open streams.
+        stream: u64,
+        /// Where to connect.
+        endpoint: String,
+    },
+    /// Host to guest: the connection is open.
+    Opened {
+        /// The stream.
+        stream: u64,
+    },
+    /// Either way: the payload is the stream's next bytes.
+    Data {
+        /// The stream.
+        stream: u64,
+    },
+    /// Either way: the sender will send no more on this stream (and why,
+    /// when it failed).
+    Close {
+        /// The stream.
+        stream: u64,
+        /// What went wrong, if anything.
+        error: Option<String>,
+    },
 }
 
 #[cfg(test)]

@@ -25,12 +25,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
-use capsa_policy::document::Initdata;
+use capsa_policy::document::{Initdata, SandboxSettings};
 use capsa_policy::engine::Engine;
 use capsa_policy::request::{CreateContainer, Request};
-use capsa_tee::attest::Attester;
 
 use crate::container::{self, Bundle, ContainerSpec, ExecSpec};
+use crate::evidence::GuestAttester;
+use crate::forward::Forwarder;
 use crate::layer::{LayerStore, Upload};
 use crate::protocol::{
     self, Call, ContainerStatus, Failure, FailureKind, Frame, FrameError, Message, Metrics, ProcessRef, Reply, Stream,
@@ -63,6 +64,9 @@ pub struct Paths {
     pub containers: PathBuf,
     /// The program run for container stages (the agent itself).
     pub stage_exe: PathBuf,
+    /// Serve the workload API (and bring `lo` up for it) once the sandbox
+    /// has its policy: inside a guest, not in tests on a host.
+    pub workload_api: bool,
 }
 
 impl Paths {
@@ -72,6 +76,7 @@ impl Paths {
             layers: PathBuf::from("/run/capsa/layers"),
             containers: PathBuf::from("/run/capsa/containers"),
             stage_exe: PathBuf::from("/proc/self/exe"),
+            workload_api: true,
         }
     }
 }
@@ -84,7 +89,7 @@ struct Policy {
 /// The agent's state.
 pub struct Agent {
     policy: Mutex<Option<Policy>>,
-    attester: Option<Box<dyn Attester + Send + Sync>>,
+    attester: Option<Box<dyn GuestAttester>>,
     layers: LayerStore,
     uploads: Mutex<HashMap<u64, Upload>>,
     containers: Mutex<HashMap<String, Arc<Container>>>,
@@ -129,7 +134,7 @@ impl Agent {
     /// An agent with no policy yet.
     pub fn new(
         paths: Paths,
-        attester: Option<Box<dyn Attester + Send + Sync>>,
+        attester: Option<Box<dyn GuestAttester>>,
         reaper: Reaper,
     ) -> Result<Self, crate::layer::LayerError> {
         fs::create_dir_all(&paths.containers).map_err(|e| crate::layer::LayerError::Io {
@@ -155,7 +160,7 @@ impl Agent {
     }
 
     /// Answers one call.
-    pub fn handle(&self, call: Call, payload: Vec<u8>) -> Answer {
+    pub fn handle(self: &Arc<Self>, call: Call, payload: Vec<u8>) -> Answer {
         if let Call::CreateSandbox { initdata } = call {
             return self.create_sandbox(initdata);
         }
@@ -233,8 +238,13 @@ impl Agent {
         }
     }
 
+    /// The guest's source of evidence.
+    pub fn attester(&self) -> Option<&dyn GuestAttester> {
+        self.attester.as_deref()
+    }
+
     /// Step 2: initdata against the hardware's HOST_DATA.
-    fn create_sandbox(&self, initdata: String) -> Answer {
+    fn create_sandbox(self: &Arc<Self>, initdata: String) -> Answer {
         let mut policy = lock(&self.policy);
         if policy.is_some() {
             return Err(fail(
@@ -274,10 +284,16 @@ impl Agent {
             ));
         }
         let document = initdata.policy().map_err(|e| fail(FailureKind::Invalid, e.to_string()))?;
+        let settings = initdata.settings().map_err(|e| fail(FailureKind::Invalid, e.to_string()))?;
         let engine = Engine::from_document(document.rego()).map_err(|e| fail(FailureKind::Invalid, e.to_string()))?;
         let policy_sha256 = hex::encode(document.sha256());
         *policy = Some(Policy { engine });
+        drop(policy);
         eprintln!("capsa-agent: policy {policy_sha256} in force (HOST_DATA matches the initdata)");
+        if self.paths.workload_api {
+            self.start_workload_api(settings)
+                .map_err(|e| fail(FailureKind::Internal, format!("cannot start the workload API: {e}")))?;
+        }
         Ok((
             Reply::SandboxCreated {
                 policy_sha256,
@@ -288,21 +304,52 @@ impl Agent {
         ))
     }
 
-    /// Step 3: the policy decides.
-    fn decide(&self, call: &Call) -> Result<(), Failure> {
-        let Some(request) = policy_request(call) else { return Ok(()) };
+    /// The workload API on the guest's loopback, and the forwarded ports
+    /// to the trust services the initdata names.
+    fn start_workload_api(self: &Arc<Self>, settings: SandboxSettings) -> Result<(), String> {
+        crate::net::loopback_up().map_err(|e| format!("cannot bring lo up: {e}"))?;
+        let mut endpoints = Vec::new();
+        for trust in &settings.trust {
+            endpoints.push(trust.address()?.endpoint());
+        }
+        let forwarder = if endpoints.is_empty() {
+            Forwarder::default()
+        } else {
+            let port = crate::init::port_device(protocol::FORWARD_PORT).ok_or_else(|| {
+                format!("no {} port: the launcher cannot forward to {}", protocol::FORWARD_PORT, endpoints.join(", "))
+            })?;
+            Forwarder::start(&port, &endpoints).map_err(|e| format!("forwarding: {e}"))?
+        };
+        let listener = crate::workload::bind_loopback(settings.workload_api_port)
+            .map_err(|e| format!("127.0.0.1:{}: {e}", settings.workload_api_port))?;
+        let port = settings.workload_api_port;
+        let service = crate::service::WorkloadService::new(Arc::clone(self), settings, forwarder);
+        crate::workload::serve(listener, Arc::new(service)).map_err(|e| e.to_string())?;
+        eprintln!("capsa-agent: workload API on 127.0.0.1:{port}");
+        Ok(())
+    }
+
+    /// The policy's decision on `request`; `Err` holds its explanation.
+    pub fn decide_request(&self, request: &Request) -> Result<(), String> {
         let mut policy = lock(&self.policy);
-        let policy = policy
-            .as_mut()
-            .ok_or_else(|| fail(FailureKind::Invalid, "the sandbox has no policy yet: send create_sandbox first"))?;
-        let decision = policy.engine.decide_request(&request);
+        let policy = policy.as_mut().ok_or("the sandbox has no policy yet: send create_sandbox first")?;
+        let decision = policy.engine.decide_request(request);
         if decision.allowed {
             Ok(())
         } else {
             let message = format!("{} {decision}", request.op());
             eprintln!("capsa-agent: refused {}", message.trim_end());
-            Err(fail(FailureKind::Denied, message.trim_end()))
+            Err(message.trim_end().to_owned())
         }
+    }
+
+    /// Step 3: the policy decides.
+    fn decide(&self, call: &Call) -> Result<(), Failure> {
+        let Some(request) = policy_request(call) else { return Ok(()) };
+        if lock(&self.policy).is_none() {
+            return Err(fail(FailureKind::Invalid, "the sandbox has no policy yet: send create_sandbox first"));
+        }
+        self.decide_request(&request).map_err(|message| fail(FailureKind::Denied, message))
     }
 
     fn layer_chunk(&self, id: u64, last: bool, payload: &[u8]) -> Answer {

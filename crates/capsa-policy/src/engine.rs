@@ -372,6 +372,7 @@ impl Engine {
         }
         let data: PolicyData = serde_json::from_value(json).map_err(|e| EngineError::Data(e.to_string()))?;
         check_unique(&data)?;
+        check_workload_api(&data)?;
         let matchers = Arc::new(Matchers::compile(&data)?);
         let policy_env = policy_env_values(&data);
 
@@ -567,6 +568,21 @@ fn check_unique(data: &PolicyData) -> Result<(), EngineError> {
                     m.destination
                 )));
             }
+        }
+    }
+    Ok(())
+}
+
+/// An endpoint name the workload API does not have (a typo such as
+/// `key-release`) would silently deny the pod what its author meant to
+/// allow, so such data is refused at load, naming the endpoints there are.
+fn check_workload_api(data: &PolicyData) -> Result<(), EngineError> {
+    for (i, endpoint) in data.sandbox.workload_api.iter().enumerate() {
+        if !model::WORKLOAD_API_ENDPOINTS.contains(&endpoint.as_str()) {
+            return Err(EngineError::Data(format!(
+                "sandbox.workload_api[{i}]: the workload API has no endpoint {endpoint:?}; it has: {}",
+                model::WORKLOAD_API_ENDPOINTS.join(", ")
+            )));
         }
     }
     Ok(())
@@ -1235,6 +1251,33 @@ mod tests {
         assert!(matches!(Engine::from_document("package"), Err(EngineError::Parse(_))));
         let doc = format!("package other\npolicy_data := {}\n", serde_json::to_string(&data()).unwrap());
         assert!(matches!(Engine::from_document(&doc), Err(EngineError::NoPolicyData)));
+    }
+
+    #[test]
+    fn workload_api_endpoints_are_checked_at_load_and_default_to_all() {
+        let mut typo = data();
+        typo.sandbox.workload_api = vec!["status".into(), "key-release".into()];
+        let error = Engine::from_data(&typo).unwrap_err().to_string();
+        assert!(error.contains("sandbox.workload_api[1]") && error.contains("key/release"), "{error}");
+
+        // Data without the field (written before it existed): both the model
+        // and the rules allow every endpoint, compiled or interpreted.
+        let mut json = serde_json::to_value(data()).unwrap();
+        json["sandbox"].as_object_mut().unwrap().remove("workload_api");
+        let doc = format!("{}\n\npolicy_data := {json:#}\n", RULES.trim_end());
+        let mut engine = Engine::from_document(&doc).unwrap();
+        assert!(engine.is_compiled());
+        assert_eq!(engine.data().sandbox.workload_api, model::WORKLOAD_API_ENDPOINTS);
+        for endpoint in model::WORKLOAD_API_ENDPOINTS {
+            let request = serde_json::json!({"op": "workload_api", "endpoint": endpoint});
+            assert!(engine.decide(&request).allowed, "{endpoint}");
+            assert!(engine.decide_reference(&request).allowed, "{endpoint}");
+        }
+        let unknown = serde_json::json!({"op": "workload_api", "endpoint": "attest/other"});
+        let denied = engine.decide(&unknown);
+        assert_eq!(denied, engine.decide_reference(&unknown));
+        assert_eq!(denied.reasons[0].rule, "workload_api.endpoint");
+        assert!(denied.reasons[0].message.contains("status, attest/raw, attest/maa, key/release"), "{denied}");
     }
 
     #[test]

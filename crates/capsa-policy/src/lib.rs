@@ -3,7 +3,8 @@
 //!
 //! - [`model`]: the per-workload policy data;
 //! - [`request`]: host requests, as the rules see them;
-//! - [`document`]: the Rego document (rules + data), initdata, and the
+//! - [`document`]: the Rego document (rules + data), initdata (with the
+//!   sandbox settings it may carry beside the policy), and the
 //!   digest HOST_DATA must carry;
 //! - [`engine`]: the engine that decides each host request and explains
 //!   every denial;

@@ -12,7 +12,16 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 /// Version of this data schema; the rules refuse data of another version.
+///
+/// Still 1 after `sandbox.workload_api` was added: data without it reads as
+/// [`WORKLOAD_API_ENDPOINTS`], in the model and in the rules alike.
 pub const SCHEMA_VERSION: u32 = 1;
+
+/// The endpoints of the workload API the agent serves on 127.0.0.1 inside
+/// the sandbox (the Azure SKR sidecar's REST shape), by the names the policy
+/// and `workload_api` requests use: `GET /status`, `POST /attest/raw`,
+/// `POST /attest/maa` and `POST /key/release`.
+pub const WORKLOAD_API_ENDPOINTS: [&str; 4] = ["status", "attest/raw", "attest/maa", "key/release"];
 
 /// The whole policy data for one sandbox (pod).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -138,10 +147,44 @@ pub struct SandboxPolicy {
     /// Whether the policy may be replaced at run time (never by default:
     /// a new policy would not match HOST_DATA).
     pub update_policy: bool,
+    /// The workload API endpoints the pod's containers may use, among
+    /// [`WORKLOAD_API_ENDPOINTS`]. All of them by default, and when the data
+    /// predates the field.
+    #[serde(default = "all_workload_api_endpoints")]
+    pub workload_api: Vec<String>,
 }
 
 impl Default for SandboxPolicy {
     fn default() -> Self {
-        Self { copy_file: Vec::new(), get_logs: true, get_metrics: true, shutdown: true, update_policy: false }
+        Self {
+            copy_file: Vec::new(),
+            get_logs: true,
+            get_metrics: true,
+            shutdown: true,
+            update_policy: false,
+            workload_api: all_workload_api_endpoints(),
+        }
+    }
+}
+
+/// Every endpoint of [`WORKLOAD_API_ENDPOINTS`], in that order.
+pub fn all_workload_api_endpoints() -> Vec<String> {
+    WORKLOAD_API_ENDPOINTS.iter().map(|e| (*e).to_owned()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Data written before `workload_api` existed still reads, with every
+    /// endpoint allowed, as the rules read it too (schema version 1).
+    #[test]
+    fn sandbox_data_without_workload_api_allows_every_endpoint() {
+        let old =
+            r#"{"copy_file": [], "get_logs": true, "get_metrics": false, "shutdown": true, "update_policy": false}"#;
+        let sandbox: SandboxPolicy = serde_json::from_str(old).unwrap();
+        assert_eq!(sandbox.workload_api, ["status", "attest/raw", "attest/maa", "key/release"]);
+        assert!(!sandbox.get_metrics);
+        assert_eq!(SandboxPolicy::default().workload_api, WORKLOAD_API_ENDPOINTS);
     }
 }

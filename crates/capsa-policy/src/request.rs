@@ -1,6 +1,7 @@
 //! Host requests as the policy sees them: one JSON object with an `op` and
-//! that operation's fields. The agent builds these from its RPCs; `capsa
-//! policy check` reads them from files. The rules see exactly this shape as
+//! that operation's fields. The agent builds these from its RPCs (and a
+//! `workload_api` request for each call a container makes to the workload
+//! API); `capsa policy check` reads them from files. The rules see exactly this shape as
 //! `input`.
 
 use std::collections::BTreeMap;
@@ -75,6 +76,15 @@ pub enum Request {
     Shutdown,
     /// Replace the policy.
     UpdatePolicy,
+    /// A container calls the workload API the agent serves on 127.0.0.1
+    /// (`{"op":"workload_api","endpoint":"key/release"}`). The agent, not
+    /// the host, makes this request, for each call it serves; the policy
+    /// lists the endpoints the pod may use.
+    WorkloadApi {
+        /// The endpoint, one of [`crate::model::WORKLOAD_API_ENDPOINTS`]
+        /// (`status`, `attest/raw`, `attest/maa`, `key/release`).
+        endpoint: String,
+    },
 }
 
 /// The fields of a `create_container` request.
@@ -159,6 +169,7 @@ impl Request {
             Self::RemoveContainer { .. } => "remove_container",
             Self::Shutdown => "shutdown",
             Self::UpdatePolicy => "update_policy",
+            Self::WorkloadApi { .. } => "workload_api",
         }
     }
 }
@@ -185,6 +196,7 @@ mod tests {
             Request::RemoveContainer { container: container() },
             Request::Shutdown,
             Request::UpdatePolicy,
+            Request::WorkloadApi { endpoint: "key/release".into() },
         ];
         for request in requests {
             let json = serde_json::to_value(&request).unwrap();
@@ -193,5 +205,9 @@ mod tests {
         }
         let json = serde_json::json!({"op": "add_layer", "diff_id": "sha256:01"});
         assert_eq!(serde_json::from_value::<Request>(json).unwrap(), Request::AddLayer { diff_id: "sha256:01".into() });
+        let json = serde_json::json!({"op": "workload_api", "endpoint": "key/release"});
+        let typed = Request::WorkloadApi { endpoint: "key/release".into() };
+        assert_eq!(serde_json::from_value::<Request>(json.clone()).unwrap(), typed);
+        assert_eq!(serde_json::to_value(&typed).unwrap(), json);
     }
 }

@@ -22,6 +22,7 @@
 
 pub mod client;
 pub mod control;
+pub mod forward;
 pub mod guest;
 pub mod initramfs;
 pub mod measure;

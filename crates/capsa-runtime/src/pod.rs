@@ -10,6 +10,8 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 
 use capsa_agent::protocol::{self, Call, Compression, CreateContainer, Mount, ProcessRef, Reply, Stream, User};
+use capsa_policy::document::Initdata;
+use capsa_policy::generate::k8s::INITDATA_ANNOTATION;
 use capsa_policy::model::{ContainerPolicy, SourceMatch};
 
 use crate::client::{AgentClient, CallError};
@@ -224,6 +226,26 @@ pub fn wait(client: &AgentClient, process: &ProcessRef) -> Result<ExitCode, PodE
     }
 }
 
+/// The initdata a pod manifest carries (what `capsa policy gen` attached:
+/// the base64 TOML in the Confidential Containers initdata annotation of
+/// the pod or its template), with the pod's name. `Ok(None)` when it
+/// carries none.
+pub fn pod_initdata(text: &str) -> Result<Option<(String, Initdata)>, String> {
+    use base64::Engine as _;
+    let pod: serde_norway::Value = serde_norway::from_str(text).map_err(|e| format!("not YAML: {e}"))?;
+    let metadata = pod.get("spec").and_then(|s| s.get("template")).and_then(|t| t.get("metadata"));
+    let metadata = metadata.or_else(|| pod.get("metadata"));
+    let name = pod.get("metadata").and_then(|m| m.get("name")).and_then(|n| n.as_str()).unwrap_or("pod").to_owned();
+    let annotation = metadata.and_then(|m| m.get("annotations")).and_then(|a| a.get(INITDATA_ANNOTATION));
+    let Some(annotation) = annotation else { return Ok(None) };
+    let encoded = annotation.as_str().ok_or_else(|| format!("annotation {INITDATA_ANNOTATION} is not a string"))?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .map_err(|e| format!("annotation {INITDATA_ANNOTATION} is not base64: {e}"))?;
+    let toml = String::from_utf8(bytes).map_err(|_| format!("annotation {INITDATA_ANNOTATION} is not UTF-8 TOML"))?;
+    Ok(Some((name, Initdata::from_toml(toml))))
+}
+
 /// The size of a sandbox, from its pod's resources.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Resources {
@@ -255,10 +277,10 @@ pub fn resources_from_pod_yaml(text: &str) -> Resources {
             limits.or(requests).and_then(quantity_text)
         };
         if let Some(cpu) = pick("cpu").and_then(|q| parse_cpu(&q)) {
-            millicpus += cpu;
+            millicpus = millicpus.saturating_add(cpu);
         }
         if let Some(bytes) = pick("memory").and_then(|q| parse_memory(&q)) {
-            memory += bytes;
+            memory = memory.saturating_add(bytes);
             any_memory = true;
         }
     }
@@ -326,6 +348,9 @@ mod tests {
         assert_eq!(parse_memory("1e9"), Some(1_000_000_000));
         assert_eq!(parse_cpu("0.25"), Some(250));
         assert_eq!(parse_memory("lots"), None);
+        // Sums saturate (found by reading, confirmed with fuzz/pod_resources).
+        let huge = "spec: {containers: [{resources: {limits: {memory: 1e19, cpu: 1e300}}}, {resources: {limits: {memory: 1e19, cpu: 1}}}]}";
+        assert_eq!(resources_from_pod_yaml(huge).cpus, u32::MAX);
     }
 
     #[test]

@@ -84,6 +84,11 @@ pub struct LaunchConfig {
     pub sim: Option<Arc<SimPlatform>>,
     /// Copy the guest console to stderr as it comes.
     pub echo_console: bool,
+    /// The endpoints (`host:port`) the guest may reach through the
+    /// forwarding port: the trust services its initdata names.
+    pub forward: Vec<String>,
+    /// Records every byte forwarded, for tests.
+    pub tap: Option<crate::forward::Tap>,
 }
 
 /// Why a sandbox could not be launched.
@@ -162,13 +167,15 @@ impl Sandbox {
         );
         let rpc_name = abstract_name(&config.id, "rpc");
         let sim_name = abstract_name(&config.id, "sim");
+        let fwd_name = abstract_name(&config.id, "fwd");
         let rpc = listen(&rpc_name, "RPC socket")?;
+        let fwd = listen(&fwd_name, "forwarding socket")?;
         let sim = match &config.sim {
             Some(_) => Some(listen(&sim_name, "sim platform socket")?),
             None => None,
         };
 
-        let mut qemu = qemu_command(config, &rpc_name, config.sim.as_ref().map(|_| sim_name.as_str()));
+        let mut qemu = qemu_command(config, &rpc_name, &fwd_name, config.sim.as_ref().map(|_| sim_name.as_str()));
         let mut qemu = qemu.spawn().map_err(|e| {
             LaunchError::Qemu(format!(
                 "cannot run setpriv/qemu-system-x86_64: {e}; install util-linux and qemu-system-x86"
@@ -190,6 +197,14 @@ impl Sandbox {
                 return Err(LaunchError::Qemu(format!("{e}\n{}", tail(&console))));
             }
         };
+        match accept(&fwd, &mut qemu) {
+            Ok(stream) => crate::forward::serve(stream, config.forward.clone(), config.tap.clone()),
+            Err(e) => {
+                let _ = qemu.kill();
+                let _ = qemu.wait();
+                return Err(LaunchError::Qemu(format!("{e}\n{}", tail(&console))));
+            }
+        }
         if let (Some(listener), Some(platform)) = (sim, &config.sim) {
             let stream = match accept(&listener, &mut qemu) {
                 Ok(s) => s,
@@ -279,7 +294,7 @@ impl Drop for Sandbox {
     }
 }
 
-fn qemu_command(config: &LaunchConfig, rpc: &str, sim: Option<&str>) -> Command {
+fn qemu_command(config: &LaunchConfig, rpc: &str, fwd: &str, sim: Option<&str>) -> Command {
     // setpriv sets the parent-death signal and execs QEMU: if the launcher
     // dies, so does its VM.
     let mut cmd = Command::new("setpriv");
@@ -298,7 +313,9 @@ fn qemu_command(config: &LaunchConfig, rpc: &str, sim: Option<&str>) -> Command 
         .args(["-append", &config.guest.cmdline])
         .args(["-device", "virtio-serial-device"])
         .args(["-chardev", &format!("socket,id=rpc,path={rpc},abstract=on")])
-        .args(["-device", &format!("virtserialport,chardev=rpc,name={}", protocol::RPC_PORT)]);
+        .args(["-device", &format!("virtserialport,chardev=rpc,name={}", protocol::RPC_PORT)])
+        .args(["-chardev", &format!("socket,id=fwd,path={fwd},abstract=on")])
+        .args(["-device", &format!("virtserialport,chardev=fwd,name={}", protocol::FORWARD_PORT)]);
     if let Some(sim) = sim {
         cmd.args(["-chardev", &format!("socket,id=sim,path={sim},abstract=on")])
             .args(["-device", &format!("virtserialport,chardev=sim,name={}", protocol::SIM_PORT)]);
@@ -370,8 +387,14 @@ fn serve_sim(stream: UnixStream, platform: Arc<SimPlatform>, measurement: [u8; 4
                     .map_err(|e| e.to_string())
             });
             let written = match answer {
-                Ok(report) => protocol::write_frame(&mut writer, &SimResponse { error: None }, &report),
-                Err(error) => protocol::write_frame(&mut writer, &SimResponse { error: Some(error) }, &[]),
+                Ok(report) => {
+                    let chain = format!("{}{}", platform.vcek_pem(), platform.chain_pem());
+                    let response = SimResponse { error: None, vcek_chain_pem: Some(chain) };
+                    protocol::write_frame(&mut writer, &response, &report)
+                }
+                Err(error) => {
+                    protocol::write_frame(&mut writer, &SimResponse { error: Some(error), vcek_chain_pem: None }, &[])
+                }
             };
             if written.is_err() {
                 return;

@@ -179,7 +179,7 @@ fn a_dishonest_host_is_refused_and_the_sandbox_stays_healthy() {
         POD,
         &mut resolver,
         &settings,
-        &Options { allow_unsupported: false },
+        &Options { allow_unsupported: false, ..Options::default() },
     )
     .unwrap();
     let workload = generated.workloads.into_iter().next().unwrap();
@@ -195,6 +195,8 @@ fn a_dishonest_host_is_refused_and_the_sandbox_stays_healthy() {
         host_data: workload.host_data,
         sim: Some(platform),
         echo_console: std::env::var_os("CAPSA_TEST_CONSOLE").is_some(),
+        forward: Vec::new(),
+        tap: None,
     })
     .unwrap();
     let client = Arc::clone(sandbox.client());

@@ -38,6 +38,10 @@ use serde_json::{Map, Value};
 
 use crate::config::{AttestationPolicy, Config};
 
+// Defined in `api` so that the client builds without the server; re-exported
+// so that this path keeps working.
+pub use crate::api::EvidenceKind;
+
 /// The largest request body accepted, in bytes.
 pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
 /// How long a server nonce stays usable.
@@ -45,42 +49,6 @@ pub const NONCE_LIFETIME: Duration = Duration::from_secs(300);
 const MAX_OUTSTANDING_NONCES: usize = 100_000;
 const CHAIN_CACHE_TTL: Duration = Duration::from_secs(60);
 const MAX_CACHED_CHAINS: usize = 4096;
-
-/// The evidence kinds, named as the Azure attestation API names them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EvidenceKind {
-    /// An SEV-SNP report (or the sim platform's).
-    SevSnpVm,
-    /// A TDX quote.
-    TdxVm,
-    /// An SGX quote.
-    SgxEnclave,
-    /// Azure confidential VM evidence (HCL report and vTPM quote).
-    AzSnpVtpm,
-}
-
-impl EvidenceKind {
-    /// From the URL path segment.
-    pub fn from_path(segment: &str) -> Option<Self> {
-        Some(match segment {
-            "SevSnpVm" => Self::SevSnpVm,
-            "TdxVm" => Self::TdxVm,
-            "SgxEnclave" => Self::SgxEnclave,
-            "AzSnpVtpm" => Self::AzSnpVtpm,
-            _ => return None,
-        })
-    }
-
-    /// The path segment.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::SevSnpVm => "SevSnpVm",
-            Self::TdxVm => "TdxVm",
-            Self::SgxEnclave => "SgxEnclave",
-            Self::AzSnpVtpm => "AzSnpVtpm",
-        }
-    }
-}
 
 /// The request body.
 #[derive(Debug, Clone, Deserialize)]

@@ -34,50 +34,16 @@ use crate::store::{self, Ctx, KEYS, Rejected, Store, StoreError, StoreOpError, W
 use crate::token::{self, Jwks, TokenError};
 use crate::wrap;
 
+// Defined in `api` so that the client builds without the server; re-exported
+// so that this path keeps working.
+pub use crate::api::{Curve, KeyInfo, KeyKind, ReleaseResponse, VersionInfo};
+
 /// The largest secret accepted, in bytes.
 pub const MAX_SECRET_BYTES: usize = 64 * 1024;
 /// The largest release policy accepted, in bytes.
 pub const MAX_POLICY_BYTES: usize = 64 * 1024;
 /// Clock skew allowed on token time claims, in seconds.
 pub const LEEWAY_SECS: i64 = 60;
-
-/// What kind of material a key holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kty")]
-pub enum KeyKind {
-    /// An AES key of 128, 192 or 256 bits.
-    #[serde(rename = "oct")]
-    Oct {
-        /// Bits.
-        bits: u16,
-    },
-    /// An RSA key pair.
-    #[serde(rename = "RSA")]
-    Rsa {
-        /// Modulus bits: 2048, 3072 or 4096.
-        bits: u16,
-    },
-    /// An EC key pair.
-    #[serde(rename = "EC")]
-    Ec {
-        /// `P-256` or `P-384`.
-        crv: Curve,
-    },
-    /// Opaque bytes (a password, a connection string, a certificate).
-    #[serde(rename = "secret")]
-    Secret,
-}
-
-/// EC curves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Curve {
-    /// NIST P-256.
-    #[serde(rename = "P-256")]
-    P256,
-    /// NIST P-384.
-    #[serde(rename = "P-384")]
-    P384,
-}
 
 impl KeyKind {
     fn azure_kty(self) -> &'static str {
@@ -168,42 +134,6 @@ struct VersionRecord {
     material: Zeroizing<String>,
 }
 
-/// What the admin API shows of a key: never its material.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct KeyInfo {
-    /// Name.
-    pub name: String,
-    /// Kind.
-    #[serde(flatten)]
-    pub kind: KeyKind,
-    /// Unix seconds.
-    pub created: i64,
-    /// Unix seconds.
-    pub updated: i64,
-    /// Whether it can be released.
-    pub enabled: bool,
-    /// Whether its policy is fixed.
-    pub immutable: bool,
-    /// The release policy, canonical.
-    pub release_policy: Value,
-    /// Versions, oldest first; the last is current.
-    pub versions: Vec<VersionInfo>,
-}
-
-/// A key version's metadata.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct VersionInfo {
-    /// 32 hex digits.
-    pub id: String,
-    /// Unix seconds.
-    pub created: i64,
-    /// Whether it can be released.
-    pub enabled: bool,
-    /// The public key of RSA and EC versions, as a JWK.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub public_jwk: Option<Value>,
-}
-
 /// Why a key operation or release failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -266,13 +196,6 @@ fn reject(e: BrokerError) -> WriteError {
 
 fn bad(message: impl Into<String>) -> BrokerError {
     BrokerError::BadRequest(message.into())
-}
-
-/// A release answer, as Azure Key Vault returns it: `{"value": <JWS>}`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ReleaseResponse {
-    /// A compact JWS signed by this server; its payload holds the wrapped key.
-    pub value: String,
 }
 
 /// The key broker.

@@ -11,8 +11,7 @@ use zeroize::Zeroizing;
 
 pub use reqwest::Method;
 
-use crate::attestation::EvidenceKind;
-use crate::broker::{KeyInfo, ReleaseResponse};
+use crate::api::{EvidenceKind, KeyInfo, ReleaseResponse};
 use crate::token::{self, Jwks};
 use crate::wrap::{self, KeyHsm};
 
@@ -53,41 +52,93 @@ impl ClientError {
     }
 }
 
+/// An error and its sources on one line: reqwest's own message ("builder
+/// error", "error sending request") says little without them.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
+/// How [`Client::with_options`] reaches and authenticates the server.
+#[derive(Debug, Clone, Default)]
+pub struct ClientOptions<'a> {
+    /// PEM certificates the server's HTTPS certificate must chain to, in
+    /// place of the system roots (as [`Client::with_ca`]).
+    pub ca_pem: Option<&'a [u8]>,
+    /// Connect to this address whenever the URL names this host, such as a
+    /// port forwarded to the service. TLS is still verified for the host
+    /// name, and the address's port is used whatever port the URL has
+    /// (port 0 keeps the URL's). The host must be the URL's.
+    pub resolve: Option<(String, std::net::SocketAddr)>,
+}
+
 /// A client of one server.
 #[derive(Clone)]
 pub struct Client {
     base: String,
     http: reqwest::Client,
     admin_token: Option<String>,
+    /// Where connections really go when [`ClientOptions::resolve`] was set:
+    /// said in errors, since the URL alone would mislead.
+    via: Option<std::net::SocketAddr>,
 }
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The admin token is a credential: never printed.
-        f.debug_struct("Client").field("base", &self.base).field("admin", &self.admin_token.is_some()).finish()
+        f.debug_struct("Client")
+            .field("base", &self.base)
+            .field("via", &self.via)
+            .field("admin", &self.admin_token.is_some())
+            .finish()
     }
 }
 
 impl Client {
     /// For the server at `base` (`http://127.0.0.1:8443`).
     pub fn new(base: &str) -> Result<Self, ClientError> {
-        Self::with_builder(base, reqwest::Client::builder())
+        Self::with_builder(base, reqwest::Client::builder(), None)
     }
 
     /// For a server whose HTTPS certificate chains to `ca_pem` (PEM) rather
     /// than to a system root, such as a self-signed one.
     pub fn with_ca(base: &str, ca_pem: &[u8]) -> Result<Self, ClientError> {
-        let certs = reqwest::Certificate::from_pem_bundle(ca_pem)
-            .map_err(|e| ClientError::Unreachable { url: base.to_owned(), reason: format!("CA file: {e}") })?;
-        Self::with_builder(base, reqwest::Client::builder().tls_certs_only(certs))
+        Self::with_options(base, ClientOptions { ca_pem: Some(ca_pem), resolve: None })
     }
 
-    fn with_builder(base: &str, builder: reqwest::ClientBuilder) -> Result<Self, ClientError> {
+    /// For the server at `base`, reached and authenticated as `options` say:
+    /// for a caller that reaches the service through a forwarded local port
+    /// (`resolve`) while verifying TLS for its real name.
+    pub fn with_options(base: &str, options: ClientOptions<'_>) -> Result<Self, ClientError> {
+        let setup = |reason: String| ClientError::Unreachable { url: base.to_owned(), reason };
+        let mut builder = reqwest::Client::builder();
+        if let Some(ca_pem) = options.ca_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(ca_pem).map_err(|e| setup(format!("CA file: {e}")))?;
+            builder = builder.tls_certs_only(certs);
+        }
+        let Some((host, addr)) = options.resolve else {
+            return Self::with_builder(base, builder, None);
+        };
+        let base = resolved_base(base, &host, addr).map_err(setup)?;
+        Self::with_builder(&base, builder.resolve(&host, addr), Some(addr))
+    }
+
+    fn with_builder(
+        base: &str,
+        builder: reqwest::ClientBuilder,
+        via: Option<std::net::SocketAddr>,
+    ) -> Result<Self, ClientError> {
         let http = builder
             .timeout(std::time::Duration::from_secs(30))
             .build()
-            .map_err(|e| ClientError::Unreachable { url: base.to_owned(), reason: e.to_string() })?;
-        Ok(Self { base: base.trim_end_matches('/').to_owned(), http, admin_token: None })
+            .map_err(|e| ClientError::Unreachable { url: base.to_owned(), reason: error_chain(&e) })?;
+        Ok(Self { base: base.trim_end_matches('/').to_owned(), http, admin_token: None, via })
     }
 
     /// Sends this admin bearer token with admin calls.
@@ -105,10 +156,16 @@ impl Client {
         if let Some(body) = body {
             request = request.json(body);
         }
-        let response =
-            request.send().await.map_err(|e| ClientError::Unreachable { url: url.clone(), reason: e.to_string() })?;
+        let unreachable = |url: String, e: reqwest::Error| ClientError::Unreachable {
+            url,
+            reason: match self.via {
+                Some(addr) => format!("{} (connecting to {addr})", error_chain(&e)),
+                None => error_chain(&e),
+            },
+        };
+        let response = request.send().await.map_err(|e| unreachable(url.clone(), e))?;
         let status = response.status();
-        let bytes = response.bytes().await.map_err(|e| ClientError::Unreachable { url, reason: e.to_string() })?;
+        let bytes = response.bytes().await.map_err(|e| unreachable(url, e))?;
         if status.is_success() {
             if bytes.is_empty() {
                 return Ok(Value::Null);
@@ -189,6 +246,27 @@ impl Client {
     }
 }
 
+/// `base` with no port of its own when `resolve` gives one, so that
+/// connections go to `addr`: reqwest (and hyper-util under it) let an
+/// explicit port in the URL win over the port of an overridden or custom
+/// resolution, whatever the resolver. Without a port the Host header names
+/// the host alone, as it would for the scheme's default port.
+fn resolved_base(base: &str, host: &str, addr: std::net::SocketAddr) -> Result<String, String> {
+    let mut url = reqwest::Url::parse(base).map_err(|e| format!("URL: {e}"))?;
+    // reqwest matches overrides against the URL's host name, lowercased; an
+    // override for another name, or for an IP address that is never
+    // resolved, would be silently ignored.
+    match url.domain() {
+        Some(domain) if domain.eq_ignore_ascii_case(host) => {}
+        Some(domain) => return Err(format!("resolve names {host}, but the URL's host is {domain}")),
+        None => return Err(format!("resolve needs a URL with a host name, not {base}")),
+    }
+    if addr.port() != 0 {
+        url.set_port(None).map_err(|()| format!("cannot drop the port of {base}"))?;
+    }
+    Ok(url.as_str().to_owned())
+}
+
 /// A verified release answer's key material, unwrapped. Debug shows the
 /// key's id and type, never the material.
 pub struct ReleasedKey {
@@ -255,8 +333,9 @@ pub fn snp_attest_request(report: &[u8], vcek_chain_pem: &[u8], runtime: &Value,
     body
 }
 
-/// The REPORT_DATA a guest asks for to attest `runtime` (and `nonce`): see
-/// [`crate::attestation`] for the rule.
+/// The REPORT_DATA a guest asks for to attest `runtime` (and `nonce`): the
+/// SHA-256 of the runtime data's JSON, then the SHA-256 of the nonce's bytes
+/// or zeros, the one layout the server's attestation accepts.
 pub fn report_data_for(runtime: &Value, nonce: Option<&str>) -> Result<[u8; 64], ClientError> {
     let mut out = [0u8; 64];
     let (first, second) = out.split_at_mut(32);
@@ -312,5 +391,60 @@ impl RuntimeKey {
     /// The runtime data to attest: this key's public JWK in `keys`.
     pub fn runtime_data(&self) -> Result<Value, ClientError> {
         runtime_data_for(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::*;
+
+    const FORWARD: &str = "127.0.0.1:4321";
+
+    fn forward() -> SocketAddr {
+        FORWARD.parse().unwrap()
+    }
+
+    #[test]
+    fn a_resolved_url_loses_its_port_so_the_forwards_is_used() {
+        assert_eq!(
+            resolved_base("https://trust.example:8443", "trust.example", forward()).unwrap(),
+            "https://trust.example/"
+        );
+        assert_eq!(
+            resolved_base("https://Trust.Example:8443/prefix/", "trust.example", forward()).unwrap(),
+            "https://trust.example/prefix/"
+        );
+    }
+
+    #[test]
+    fn a_forward_on_port_0_keeps_the_urls_port() {
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        assert_eq!(
+            resolved_base("http://trust.example:8080", "trust.example", addr).unwrap(),
+            "http://trust.example:8080/"
+        );
+    }
+
+    #[test]
+    fn a_resolve_that_would_never_apply_is_refused() {
+        let err = resolved_base("https://trust.example", "other.example", forward()).unwrap_err();
+        assert_eq!(err, "resolve names other.example, but the URL's host is trust.example");
+        let err = resolved_base("https://10.0.0.1:8443", "10.0.0.1", forward()).unwrap_err();
+        assert!(err.contains("host name"), "{err}");
+        assert!(resolved_base("not a url", "trust.example", forward()).unwrap_err().starts_with("URL: "));
+    }
+
+    #[test]
+    fn options_errors_name_the_url_and_what_failed() {
+        // A PEM block that is not base64 (text with no block at all is an empty bundle).
+        let pem = b"-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n";
+        let options = ClientOptions { ca_pem: Some(pem), resolve: None };
+        let err = Client::with_options("https://trust.example", options).unwrap_err();
+        assert!(matches!(err, ClientError::Unreachable { ref url, .. } if url == "https://trust.example"), "{err}");
+        let options = ClientOptions { ca_pem: None, resolve: Some(("other.example".to_owned(), forward())) };
+        let err = Client::with_options("https://trust.example", options).unwrap_err();
+        assert!(err.to_string().contains("other.example"), "{err}");
     }
 }

@@ -15,20 +15,42 @@
 //! - [`store`] and [`audit`]: a redb database sealed under a master key
 //!   ([`seal`]) and a hash-chained audit log;
 //! - [`server`] (axum) and [`client`].
+//!
+//! # Features
+//!
+//! - `server` (default): the service itself (every module but those below)
+//!   and the dependencies only it needs: axum, redb, prometheus-client, the
+//!   TLS listener, TOML configuration, `capsa-tee`. Without it the crate is
+//!   what a guest needs: [`client`] and what it shares with the server,
+//!   [`api`] (the API's JSON types), [`token`], [`wrap`] and [`seal`].
+// Without `server` the modules it builds are absent, and the overview above
+// names them: a client-only build's docs keep the names, unlinked.
+#![cfg_attr(not(feature = "server"), allow(rustdoc::broken_intra_doc_links))]
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
 
-pub mod attestation;
-pub mod audit;
-pub mod broker;
+pub mod api;
 pub mod client;
-pub mod config;
-pub mod issuer;
-pub mod release_policy;
 pub mod seal;
-pub mod server;
-pub mod store;
-pub mod tls;
 pub mod token;
 pub mod wrap;
+
+#[cfg(feature = "server")]
+pub mod attestation;
+#[cfg(feature = "server")]
+pub mod audit;
+#[cfg(feature = "server")]
+pub mod broker;
+#[cfg(feature = "server")]
+pub mod config;
+#[cfg(feature = "server")]
+pub mod issuer;
+#[cfg(feature = "server")]
+pub mod release_policy;
+#[cfg(feature = "server")]
+pub mod server;
+#[cfg(feature = "server")]
+pub mod store;
+#[cfg(feature = "server")]
+pub mod tls;

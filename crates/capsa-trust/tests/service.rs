@@ -13,7 +13,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use capsa_tee::sim::{ReportRequest, SimPlatform};
 use capsa_trust::attestation::EvidenceKind;
 use capsa_trust::broker::LEEWAY_SECS;
-use capsa_trust::client::{self, Client, ClientError};
+use capsa_trust::client::{self, Client, ClientError, ClientOptions};
 use capsa_trust::config::Config;
 use capsa_trust::server::{self, ServeOptions};
 use capsa_trust::token::{self, SigningKey, TokenError};
@@ -113,6 +113,11 @@ impl Harness {
             None => Client::new(&url).unwrap(),
         };
         Self { client: client(), admin: client().with_admin_token(token.trim()), url, _dir: dir, _stop: stop }
+    }
+
+    /// The address the server listens on.
+    fn addr(&self) -> SocketAddr {
+        self.url.split_once("://").unwrap().1.parse().unwrap()
     }
 
     fn sim_issuer(&self) -> String {
@@ -513,6 +518,37 @@ async fn over_https_the_whole_release_works_and_plain_http_is_not_answered() {
     assert_eq!(opened.material.as_slice(), key);
     let plain = Client::new(&h.url.replace("https://", "http://")).unwrap();
     assert!(plain.nonce().await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_port_reaches_the_service_under_its_own_name() {
+    // As a guest does through a port forwarded to its loopback: the URL keeps
+    // the service's name and port, the connection goes to the forward.
+    let h = Harness::sim().await;
+    let via = |host: &str| ClientOptions { ca_pem: None, resolve: Some((host.to_owned(), h.addr())) };
+    let forwarded = Client::with_options("http://trust.invalid:1", via("trust.invalid")).unwrap();
+    assert!(!forwarded.nonce().await.unwrap().is_empty());
+    // An override for a name the URL does not use would silently do nothing.
+    let err = Client::with_options("http://trust.invalid:1", via("other.invalid")).unwrap_err();
+    assert!(err.to_string().contains("resolve names other.invalid, but the URL's host is trust.invalid"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_a_forwarded_port_tls_is_verified_for_the_services_name() {
+    let dir = TempDir::new().unwrap();
+    let tls = TlsFiles::write(dir.path());
+    let ca_pem = tls.ca_pem.clone();
+    let h = Harness::start_with_tls(dir, true, Config::default(), Some(tls)).await;
+    let via = |host: &str| ClientOptions { ca_pem: Some(&ca_pem), resolve: Some((host.to_owned(), h.addr())) };
+    // The certificate names localhost: reached under that name, it verifies.
+    let named = Client::with_options("https://localhost:1", via("localhost")).unwrap();
+    assert!(!named.nonce().await.unwrap().is_empty());
+    // The same connection under a name the certificate lacks is refused, and
+    // the error says where it really went.
+    let unnamed = Client::with_options("https://trust.invalid:1", via("trust.invalid")).unwrap();
+    let err = unnamed.nonce().await.unwrap_err();
+    assert!(matches!(err, ClientError::Unreachable { .. }), "{err}");
+    assert!(err.to_string().contains(&format!("connecting to {}", h.addr())), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use capsa_oci::image::{ImageSource, ManifestOrigin, Platform, ResolveOptions, resolve_blocking};
-use capsa_policy::document::PolicyDocument;
+use capsa_policy::document::{DEFAULT_WORKLOAD_API_PORT, PolicyDocument, SandboxSettings, TrustEndpoint};
 use capsa_policy::engine::Engine;
 use capsa_policy::generate::settings::Settings;
 use capsa_policy::generate::{ImageFacts, ImageResolver, InputKind, Options};
@@ -18,7 +18,8 @@ use crate::{Refused, UsageError, output, read};
 #[derive(Subcommand)]
 pub enum PolicyCommand {
     /// Generate execution policies from Kubernetes YAML, an ARM template or a compose file.
-    Gen(GenArgs),
+    // Boxed: its arguments are several times the size of the others'.
+    Gen(Box<GenArgs>),
     /// Decide a host request against a policy: exit 0 allowed, 1 denied (reasons printed).
     Check(CheckArgs),
     /// Show what changed between two policies, container by container.
@@ -75,6 +76,22 @@ pub struct GenArgs {
     /// Resolve only from the local cache.
     #[arg(long)]
     offline: bool,
+    /// A trust-service endpoint the sandbox may reach (the launcher forwards
+    /// only these): http:// or https://, a host and optionally a port, e.g.
+    /// https://trust.example:8443. Repeatable. Written into every workload's
+    /// initdata, so HOST_DATA measures it.
+    #[arg(long, value_name = "URL")]
+    trust: Vec<String>,
+    /// The CA (PEM file) the guest trusts for the TLS of a --trust endpoint,
+    /// instead of its built-in roots, written URL=PEMFILE (split at the first
+    /// =) with URL exactly as given to --trust. Repeatable, once per URL.
+    #[arg(long, value_name = "URL=PEMFILE")]
+    trust_ca: Vec<String>,
+    /// The port of the workload API (/status, /attest/raw, /attest/maa,
+    /// /key/release) on 127.0.0.1 inside the sandbox. Written into every
+    /// workload's initdata, so HOST_DATA measures it.
+    #[arg(long, value_name = "PORT", default_value_t = DEFAULT_WORKLOAD_API_PORT, value_parser = clap::value_parser!(u16).range(1..))]
+    workload_api_port: u16,
 }
 
 #[derive(Args)]
@@ -148,7 +165,7 @@ impl ImageResolver for OciResolver {
 
 pub fn run(cmd: PolicyCommand) -> anyhow::Result<()> {
     match cmd {
-        PolicyCommand::Gen(args) => gen_policy(args),
+        PolicyCommand::Gen(args) => gen_policy(*args),
         PolicyCommand::Check(args) => check(args),
         PolicyCommand::Diff(args) => diff(args),
     }
@@ -185,6 +202,7 @@ fn gen_policy(args: GenArgs) -> anyhow::Result<()> {
         offline: args.offline,
         ..ResolveOptions::default()
     };
+    let sandbox_settings = sandbox_settings(&args.trust, &args.trust_ca, args.workload_api_port)?;
     let mut resolver = OciResolver { source, options, resolved: Default::default() };
     let origin = args.input.display().to_string();
     let generated = capsa_policy::generate::generate(
@@ -193,7 +211,7 @@ fn gen_policy(args: GenArgs) -> anyhow::Result<()> {
         &input,
         &mut resolver,
         &settings,
-        &Options { allow_unsupported: args.allow_unsupported },
+        &Options { allow_unsupported: args.allow_unsupported, sandbox_settings },
     )
     .map_err(|e| UsageError(e.to_string()))?;
 
@@ -222,6 +240,34 @@ fn gen_policy(args: GenArgs) -> anyhow::Result<()> {
         writeln!(stderr, "{}: HOST_DATA {}", w.name, hex::encode(w.host_data))?;
     }
     Ok(())
+}
+
+/// The sandbox settings from `--trust`, `--trust-ca` and
+/// `--workload-api-port`, checked before any image is resolved.
+fn sandbox_settings(trust: &[String], trust_ca: &[String], port: u16) -> anyhow::Result<SandboxSettings> {
+    let mut endpoints: Vec<TrustEndpoint> =
+        trust.iter().map(|url| TrustEndpoint { url: url.clone(), ca: None }).collect();
+    for arg in trust_ca {
+        let (url, file) = arg.split_once('=').ok_or_else(|| {
+            UsageError(format!(
+                "--trust-ca {arg:?} is not URL=PEMFILE; write e.g. --trust-ca https://trust.example:8443=ca.pem"
+            ))
+        })?;
+        let endpoint = endpoints.iter_mut().find(|e| e.url == url).ok_or_else(|| {
+            UsageError(format!("--trust-ca names {url:?}, which no --trust gives; add --trust {url} or fix the URL"))
+        })?;
+        if endpoint.ca.is_some() {
+            return Err(UsageError(format!(
+                "--trust-ca gives a CA for {url:?} twice; give one PEM file (it may hold several certificates)"
+            ))
+            .into());
+        }
+        let pem = text(std::path::Path::new(file))?;
+        endpoint.ca = Some(pem);
+    }
+    let settings = SandboxSettings { workload_api_port: port, trust: endpoints };
+    settings.validate().map_err(|e| UsageError(e.to_string()))?;
+    Ok(settings)
 }
 
 fn load_document(path: &std::path::Path) -> anyhow::Result<PolicyDocument> {

@@ -142,6 +142,26 @@ fn plan(args: &RunArgs) -> anyhow::Result<Plan> {
     let source = image_source(args);
     if let Some(pod) = &args.pod {
         let text = crate::policy::text(pod)?;
+        let resources = capsa_runtime::pod::resources_from_pod_yaml(&text);
+        let attached =
+            capsa_runtime::pod::pod_initdata(&text).map_err(|e| UsageError(format!("{}: {e}", pod.display())))?;
+        // A pod `capsa policy gen` annotated runs under exactly the initdata
+        // it carries (the one a release policy was written for), not a
+        // regenerated one.
+        if let Some((name, initdata)) = attached {
+            let document = initdata.policy().map_err(|e| UsageError(format!("{}: {e}", pod.display())))?;
+            let data = document.data().map_err(|e| UsageError(format!("{}: {e}", pod.display())))?;
+            let images = data.containers.iter().map(|c| c.image.clone()).collect();
+            return Ok(Plan {
+                name,
+                host_data: initdata.digest(),
+                initdata,
+                data,
+                images,
+                cpus: resources.cpus,
+                memory_mib: resources.memory_mib,
+            });
+        }
         let settings = Settings::shipped_and(&[]).map_err(|e| UsageError(e.to_string()))?;
         let mut resolver = crate::policy::OciResolver::new(source, options);
         let generated = capsa_policy::generate::generate(
@@ -150,14 +170,13 @@ fn plan(args: &RunArgs) -> anyhow::Result<Plan> {
             &text,
             &mut resolver,
             &settings,
-            &Options { allow_unsupported: true },
+            &Options { allow_unsupported: true, ..Options::default() },
         )
         .map_err(|e| UsageError(e.to_string()))?;
         let [workload] = generated.workloads.as_slice() else {
             return Err(UsageError(format!("{} must hold exactly one pod", pod.display())).into());
         };
         let images = workload.data.containers.iter().map(|c| c.image.clone()).collect();
-        let resources = capsa_runtime::pod::resources_from_pod_yaml(&text);
         return Ok(Plan {
             name: workload.name.clone(),
             data: workload.data.clone(),
@@ -273,6 +292,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         requests.push(request);
     }
 
+    let settings = plan.initdata.settings().map_err(|e| UsageError(e.to_string()))?;
+    let mut forward = Vec::new();
+    for trust in &settings.trust {
+        forward.push(trust.address().map_err(UsageError)?.endpoint());
+    }
     let platform = SimPlatform::init(&SimPlatform::default_dir()?).context("the sim platform")?;
     let config = LaunchConfig {
         id: id.clone(),
@@ -283,6 +307,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         host_data: plan.host_data,
         sim: Some(Arc::new(platform)),
         echo_console: args.verbose,
+        forward,
+        tap: None,
     };
     let sandbox = Arc::new(Mutex::new(Sandbox::launch(&config)?));
     let client = Arc::clone(lock(&sandbox).client());

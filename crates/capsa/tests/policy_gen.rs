@@ -346,3 +346,111 @@ fn generated_policies_decide_requests_and_diff() {
     let same = ok(&capsa.run(&["policy", "diff", policy_a.to_str().unwrap(), policy_a.to_str().unwrap()]));
     assert_eq!(same.trim(), "no changes");
 }
+
+#[test]
+fn workload_api_and_sandbox_settings_go_into_the_initdata() {
+    let images = images();
+    let capsa = Capsa::new();
+    let work = TempDir::new("policy-settings");
+    let layout = images.layout.path().to_str().unwrap().to_owned();
+    let write_pod = |name: &str, endpoints: &str| {
+        let pod = work.join(name);
+        std::fs::write(
+            &pod,
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  annotations: {{capsa.dev/workload-api: \"{endpoints}\"}}\nspec:\n  containers:\n    - name: c\n      image: busybox:1\n"
+            ),
+        )
+        .unwrap();
+        pod
+    };
+    let pod = write_pod("pod.yaml", "status, attest/maa");
+    let ca = work.join("ca.pem");
+    let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+    std::fs::write(&ca, pem).unwrap();
+    let initdata_path = work.join("initdata.toml");
+    let gen_args = |pod: &Path, extra: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> = ["policy", "gen", pod.to_str().unwrap(), "--oci-layout", &layout, "--out"]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        args.push(work.join("annotated.yaml").to_str().unwrap().to_owned());
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        args
+    };
+    let run = |args: Vec<String>| capsa.run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let trust_ca = format!("https://trust.example:8443={}", ca.display());
+    let o = run(gen_args(
+        &pod,
+        &[
+            "--trust",
+            "https://trust.example:8443",
+            "--trust",
+            "http://127.0.0.1:9000",
+            "--trust-ca",
+            &trust_ca,
+            "--workload-api-port",
+            "9443",
+            "--initdata",
+            initdata_path.to_str().unwrap(),
+        ],
+    ));
+    ok(&o);
+    let toml = std::fs::read_to_string(&initdata_path).unwrap();
+    assert_eq!(host_data(&o.stderr)[0].1, sha256_hex(toml.as_bytes()), "HOST_DATA must measure the settings");
+    let initdata = capsa_policy::document::Initdata::from_toml(toml.clone());
+    let settings = initdata.settings().unwrap();
+    assert_eq!(settings.workload_api_port, 9443);
+    assert_eq!(
+        settings.trust.iter().map(|t| (t.url.as_str(), t.ca.as_deref())).collect::<Vec<_>>(),
+        [("https://trust.example:8443", Some(pem)), ("http://127.0.0.1:9000", None)]
+    );
+    let data = initdata.policy().unwrap().data().unwrap();
+    assert_eq!(data.sandbox.workload_api, ["status", "attest/maa"]);
+
+    // Without the flags: no settings entry, every endpoint, another digest.
+    let default_path = work.join("default.toml");
+    let o = run(gen_args(
+        &write_pod("all.yaml", "status,attest/raw,attest/maa,key/release"),
+        &["--initdata", default_path.to_str().unwrap()],
+    ));
+    ok(&o);
+    let default_toml = std::fs::read_to_string(&default_path).unwrap();
+    assert!(!default_toml.contains("capsa.toml"), "{default_toml}");
+    assert_ne!(host_data(&o.stderr)[0].1, sha256_hex(toml.as_bytes()));
+
+    // The policy decides workload API requests by the annotation.
+    let check = |endpoint: &str| {
+        let request = work.join("request.json");
+        std::fs::write(&request, json!({"op": "workload_api", "endpoint": endpoint}).to_string()).unwrap();
+        capsa.run(&[
+            "policy",
+            "check",
+            "--policy",
+            initdata_path.to_str().unwrap(),
+            "--request",
+            request.to_str().unwrap(),
+        ])
+    };
+    ok(&check("attest/maa"));
+    let o = check("key/release");
+    assert_eq!(o.status.code(), Some(1));
+    let explained = text(&o.stdout);
+    assert!(
+        explained.contains("workload_api.endpoint") && explained.contains("it allows: status, attest/maa"),
+        "{explained}"
+    );
+
+    // Mistakes are usage errors (exit 2) that say what to fix.
+    for (pod, extra, expected) in [
+        (write_pod("typo.yaml", "status,key-release"), vec![], "\"key-release\", which is not a workload API endpoint"),
+        (pod.clone(), vec!["--trust", "trust.example:8443"], "not an http or https URL"),
+        (pod.clone(), vec!["--trust-ca", trust_ca.as_str()], "which no --trust gives"),
+        (pod.clone(), vec!["--trust-ca", "https://trust.example:8443"], "is not URL=PEMFILE"),
+        (pod.clone(), vec!["--workload-api-port", "0"], "0"),
+    ] {
+        let o = run(gen_args(&pod, &extra));
+        assert_eq!(o.status.code(), Some(2), "{extra:?}: {}", text(&o.stderr));
+        assert!(text(&o.stderr).contains(expected), "{extra:?}: {}", text(&o.stderr));
+    }
+}

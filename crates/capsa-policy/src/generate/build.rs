@@ -85,7 +85,11 @@ pub fn build(
             .map_err(|reason| GenerateError::Image { image: spec.image.clone(), reason })?;
         containers.push(container(workload.platform, spec, &image, settings)?);
     }
-    Ok(PolicyData { version: SCHEMA_VERSION, containers, sandbox: SandboxPolicy::default() })
+    let mut sandbox = SandboxPolicy::default();
+    if let Some(endpoints) = &workload.workload_api {
+        sandbox.workload_api.clone_from(endpoints);
+    }
+    Ok(PolicyData { version: SCHEMA_VERSION, containers, sandbox })
 }
 
 fn container(

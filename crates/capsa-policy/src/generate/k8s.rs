@@ -3,6 +3,11 @@
 //! same input. ConfigMap values are pinned; Secret values are not (the
 //! policy is public), only the variable's presence. The policy goes back as
 //! the pod template's initdata annotation, base64 of the initdata TOML.
+//!
+//! A pod template may restrict the workload API its containers may use
+//! with the annotation `capsa.dev/workload-api`: endpoint names separated by
+//! commas (`status, key/release`), or `none`. Without it, the policy allows
+//! every endpoint.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -14,9 +19,13 @@ use super::{
     FieldCheck, GenerateError, Generated, GeneratedWorkload, ImageResolver, Options, base64, required_str, string_list,
     volume_mount,
 };
+use crate::model::WORKLOAD_API_ENDPOINTS;
 
 /// The annotation Confidential Containers reads initdata from.
 pub const INITDATA_ANNOTATION: &str = "io.katacontainers.config.hypervisor.cc_init_data";
+/// The pod annotation listing the workload API endpoints the pod's
+/// containers may use (see the module documentation).
+pub const WORKLOAD_API_ANNOTATION: &str = "capsa.dev/workload-api";
 
 const POD_SPEC_KEYS: &[&str] = &[
     "containers",
@@ -146,9 +155,11 @@ pub fn generate(
         let spec = template
             .get("spec")
             .ok_or_else(|| GenerateError::Invalid { path: format!("{path}.spec"), reason: "missing".into() })?;
-        let workload = pod(&format!("{path}.spec"), &name, spec, &sources, options)?;
+        let mut workload = pod(&format!("{path}.spec"), &name, spec, &sources, options)?;
+        workload.workload_api = workload_api(&path, template)?;
         let data = super::build::build(&workload, resolver, settings)?;
-        let generated = GeneratedWorkload::new(format!("{kind}/{name}"), data, Platform::Kubernetes)?;
+        let generated =
+            GeneratedWorkload::new(format!("{kind}/{name}"), data, Platform::Kubernetes, &options.sandbox_settings)?;
         annotate(template, &generated)?;
         workloads.push(generated);
     }
@@ -165,6 +176,40 @@ pub fn generate(
         annotated.push_str(&yaml);
     }
     Ok(Generated { workloads, annotated })
+}
+
+/// The endpoints the template's `capsa.dev/workload-api` annotation allows,
+/// in [`WORKLOAD_API_ENDPOINTS`]' order (so the same set is the same
+/// policy however it is written), or `None` without the annotation.
+fn workload_api(path: &str, template: &Value) -> Result<Option<Vec<String>>, GenerateError> {
+    let Some(value) =
+        template.get("metadata").and_then(|m| m.get("annotations")).and_then(|a| a.get(WORKLOAD_API_ANNOTATION))
+    else {
+        return Ok(None);
+    };
+    let path = format!("{path}.metadata.annotations.\"{WORKLOAD_API_ANNOTATION}\"");
+    let allowed = WORKLOAD_API_ENDPOINTS.join(", ");
+    let usage = format!("list endpoints separated by commas, among: {allowed}; or write none");
+    let text = value
+        .as_str()
+        .ok_or_else(|| GenerateError::Invalid { path: path.clone(), reason: format!("is not a string; {usage}") })?;
+    if text.trim() == "none" {
+        return Ok(Some(Vec::new()));
+    }
+    let mut named = Vec::new();
+    for name in text.split(',').map(str::trim) {
+        if name.is_empty() {
+            return Err(GenerateError::Invalid { path, reason: format!("has an empty endpoint name; {usage}") });
+        }
+        if !WORKLOAD_API_ENDPOINTS.contains(&name) {
+            return Err(GenerateError::Invalid {
+                path,
+                reason: format!("names {name:?}, which is not a workload API endpoint; {usage}"),
+            });
+        }
+        named.push(name);
+    }
+    Ok(Some(WORKLOAD_API_ENDPOINTS.iter().filter(|e| named.contains(e)).map(|e| (*e).to_owned()).collect()))
 }
 
 fn annotate(template: &mut Value, generated: &GeneratedWorkload) -> Result<(), GenerateError> {
@@ -274,7 +319,7 @@ fn pod(
     if containers.is_empty() {
         return Err(GenerateError::Invalid { path: format!("{path}.containers"), reason: "no containers".into() });
     }
-    Ok(Workload { platform: Platform::Kubernetes, name: name.to_owned(), containers })
+    Ok(Workload { platform: Platform::Kubernetes, name: name.to_owned(), containers, workload_api: None })
 }
 
 fn volumes(path: &str, spec: &Value, check: &mut FieldCheck) -> Result<HashMap<String, VolumeSource>, GenerateError> {
@@ -572,6 +617,90 @@ fn expand(value: &str, env: &[EnvSpec]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_workload_api_annotation_restricts_the_endpoints() {
+        let template =
+            |value: Value| serde_json::json!({"metadata": {"annotations": {WORKLOAD_API_ANNOTATION: value}}});
+        let read = |value: Value| workload_api("Pod/p", &template(value));
+        assert_eq!(workload_api("Pod/p", &serde_json::json!({"metadata": {}})).unwrap(), None);
+        assert_eq!(read("none".into()).unwrap(), Some(vec![]));
+        assert_eq!(
+            read(" key/release,status , key/release".into()).unwrap(),
+            Some(vec!["status".to_owned(), "key/release".to_owned()])
+        );
+        for (value, expected) in [
+            (Value::from("status,key-release"), "names \"key-release\""),
+            (Value::from("status,,attest/maa"), "empty endpoint name"),
+            (Value::from(""), "empty endpoint name"),
+            (Value::from(true), "is not a string"),
+        ] {
+            let error = read(value.clone()).unwrap_err().to_string();
+            assert!(error.starts_with("Pod/p.metadata.annotations.\"capsa.dev/workload-api\""), "{error}");
+            assert!(error.contains(expected), "{value}: {error}");
+            assert!(error.contains("status, attest/raw, attest/maa, key/release"), "{error}");
+        }
+    }
+
+    struct OneImage;
+
+    impl ImageResolver for OneImage {
+        fn resolve(&mut self, _: &str) -> Result<super::super::ImageFacts, String> {
+            Ok(super::super::ImageFacts {
+                manifest_digest: "sha256:aa".into(),
+                diff_ids: vec!["sha256:01".into()],
+                cmd: vec!["/bin/app".into()],
+                ..Default::default()
+            })
+        }
+    }
+
+    /// The annotation reaches the policy data, and the sandbox settings the
+    /// initdata that HOST_DATA measures and the pod template carries.
+    #[test]
+    fn workload_api_and_sandbox_settings_reach_the_generated_pods() {
+        use crate::document::{SandboxSettings, TrustEndpoint};
+        let yaml = "\
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: api}
+spec:
+  template:
+    metadata:
+      annotations: {capsa.dev/workload-api: \"key/release, status\"}
+    spec:
+      containers: [{name: app, image: app:1}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web}
+spec:
+  containers: [{name: app, image: app:1}]
+";
+        let settings = Settings::shipped_and(&[]).unwrap();
+        let sandbox_settings = SandboxSettings {
+            workload_api_port: 9000,
+            trust: vec![TrustEndpoint { url: "https://trust.example:8443".into(), ca: None }],
+        };
+        let options = Options { sandbox_settings: sandbox_settings.clone(), ..Options::default() };
+        let generated = generate("in.yaml", yaml, &mut OneImage, &settings, &options).unwrap();
+        let [api, web] = generated.workloads.as_slice() else { panic!("two workloads expected") };
+        assert_eq!(api.data.sandbox.workload_api, ["status", "key/release"]);
+        assert_eq!(web.data.sandbox.workload_api, WORKLOAD_API_ENDPOINTS);
+        for w in [api, web] {
+            assert_eq!(w.initdata.settings().unwrap(), sandbox_settings);
+            assert_eq!(w.host_data, w.initdata.digest());
+            assert!(generated.annotated.contains(&base64(w.initdata.toml().as_bytes())), "{}", w.name);
+        }
+        let plain = generate("in.yaml", yaml, &mut OneImage, &settings, &Options::default()).unwrap();
+        assert_eq!(plain.workloads[1].initdata, plain.workloads[1].document.initdata().unwrap());
+        assert_ne!(plain.workloads[1].host_data, web.host_data);
+
+        let bad = yaml.replace("key/release, status", "key/release, admin");
+        let error = generate("in.yaml", &bad, &mut OneImage, &settings, &options).unwrap_err().to_string();
+        assert!(error.contains("Deployment/api.spec.template.metadata.annotations"), "{error}");
+        assert!(error.contains("\"admin\""), "{error}");
+    }
 
     #[test]
     fn dollar_expansion_follows_kubernetes() {

@@ -16,7 +16,7 @@ pub mod k8s;
 pub mod settings;
 pub mod spec;
 
-use crate::document::{DocumentError, Initdata, PolicyDocument};
+use crate::document::{DocumentError, Initdata, PolicyDocument, SandboxSettings};
 use crate::model::PolicyData;
 
 /// What a policy needs to know about an image.
@@ -97,6 +97,10 @@ pub enum GenerateError {
 pub struct Options {
     /// Ignore fields capsa does not support instead of failing.
     pub allow_unsupported: bool,
+    /// The sandbox settings every generated workload's initdata carries
+    /// beside its policy (and so its HOST_DATA measures); the defaults
+    /// leave initdata as it was before settings existed.
+    pub sandbox_settings: SandboxSettings,
 }
 
 /// The kinds of input `capsa policy gen` reads.
@@ -150,18 +154,23 @@ pub struct GeneratedWorkload {
     pub data: PolicyData,
     /// The Rego document.
     pub document: PolicyDocument,
-    /// The initdata carrying it.
+    /// The initdata carrying it and [`Options::sandbox_settings`].
     pub initdata: Initdata,
     /// What the sandbox's HOST_DATA must carry: the initdata digest, or for
     /// Azure Container Instances, which measure the policy itself, the
-    /// document's SHA-256.
+    /// document's SHA-256 (there the sandbox settings are not measured).
     pub host_data: [u8; 32],
 }
 
 impl GeneratedWorkload {
-    fn new(name: String, data: PolicyData, platform: spec::Platform) -> Result<Self, GenerateError> {
+    fn new(
+        name: String,
+        data: PolicyData,
+        platform: spec::Platform,
+        settings: &SandboxSettings,
+    ) -> Result<Self, GenerateError> {
         let document = PolicyDocument::render(&data)?;
-        let initdata = document.initdata()?;
+        let initdata = document.initdata_with(settings)?;
         let host_data = match platform {
             spec::Platform::AzureContainerInstances => document.sha256(),
             spec::Platform::Kubernetes | spec::Platform::Compose => initdata.digest(),

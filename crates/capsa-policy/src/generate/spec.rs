@@ -24,6 +24,10 @@ pub struct Workload {
     pub name: String,
     /// The containers, init containers first.
     pub containers: Vec<ContainerSpec>,
+    /// The workload API endpoints the containers may use, when the input
+    /// restricts them (a Kubernetes pod's `capsa.dev/workload-api`
+    /// annotation); `None` allows every endpoint.
+    pub workload_api: Option<Vec<String>>,
 }
 
 /// An environment entry as the spec gives it.

@@ -7,7 +7,9 @@
 #
 # `input` is one host request (crates/capsa-policy/src/request.rs): a JSON
 # object whose `op` names the operation. The engine evaluates `decision`
-# and nothing else.
+# and nothing else. (`workload_api` is the one op the agent asks on behalf
+# of the pod's containers rather than the host: a call to the workload API
+# it serves inside the sandbox.)
 #
 # How the rules are built, and why:
 #
@@ -139,6 +141,11 @@ op_ok if {
 	add_layer_ok
 }
 
+op_ok if {
+	input.op == "workload_api"
+	workload_api_ok
+}
+
 # Starting, waiting for and removing a container cannot change what runs
 # (creation decided that), so a container the policy knows is enough; the
 # rules still see these requests, so that every host request is decided.
@@ -150,7 +157,7 @@ op_ok if {
 known_ops := {
 	"add_layer", "create_container", "start_container", "exec_process", "wait_process", "signal_process",
 	"read_stdio", "write_stdin", "copy_file", "get_logs", "get_metrics", "remove_container", "shutdown",
-	"update_policy",
+	"update_policy", "workload_api",
 }
 
 # Operations that name a container in `input.container`.
@@ -984,6 +991,36 @@ add_layer_message := sprintf("diff_id must be a string, got %s", [type_name(req(
 	not is_string(req("diff_id"))
 } else := sprintf("layer %v is not a layer of any container in the policy", [req("diff_id")])
 
+# ---------------------------------------------------------------------------
+# workload_api: an endpoint the policy lists
+# ---------------------------------------------------------------------------
+
+# The endpoints the pod's containers may call. Data written before the field
+# existed allows all four, as the data model reads it (schema version 1):
+# rules and model must agree on what a document allows.
+policy_workload_api := object.get(
+	policy_data.sandbox, "workload_api",
+	["status", "attest/raw", "attest/maa", "key/release"],
+)
+
+workload_api_ok if {
+	is_string(input.endpoint)
+	input.endpoint in policy_workload_api
+}
+
+reasons contains r if {
+	input.op == "workload_api"
+	not workload_api_ok
+	r := reason("workload_api.endpoint", "endpoint", policy_workload_api, req("endpoint"), workload_api_message)
+}
+
+workload_api_message := sprintf("endpoint must be a string, got %s", [type_name(req("endpoint"))]) if {
+	not is_string(req("endpoint"))
+} else := sprintf(
+	"the policy does not allow the workload API endpoint %v; it allows: %s",
+	[req("endpoint"), names_text(policy_workload_api)],
+)
+
 policy_data := {
   "version": 1,
   "containers": [
@@ -1294,6 +1331,12 @@ policy_data := {
     "get_logs": true,
     "get_metrics": true,
     "shutdown": true,
-    "update_policy": false
+    "update_policy": false,
+    "workload_api": [
+      "status",
+      "attest/raw",
+      "attest/maa",
+      "key/release"
+    ]
   }
 }
