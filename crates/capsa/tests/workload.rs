@@ -72,6 +72,58 @@ struct Trust {
 
 impl Trust {
     fn start(home: &Path) -> Self {
+        Self::start_with(home, &[])
+    }
+
+    /// Serves HTTPS with a certificate for `localhost` issued by a test CA
+    /// that openssl makes; returns the server and the CA (PEM).
+    fn start_tls(home: &Path) -> (Self, String) {
+        let file = |name: &str| home.join(name).display().to_string();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl").args(args).output().unwrap();
+            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+        let (ca, ca_key, csr, cert, key, ext) = (
+            file("ca.pem"),
+            file("ca.key"),
+            file("leaf.csr"),
+            file("tls-cert.pem"),
+            file("tls-key.pem"),
+            file("leaf.ext"),
+        );
+        openssl(
+            &[
+                &["req", "-x509"][..],
+                &ec,
+                &["-days", "2", "-subj", "/CN=capsa test CA", "-keyout", &ca_key, "-out", &ca],
+            ]
+            .concat(),
+        );
+        openssl(&[&["req"][..], &ec, &["-subj", "/CN=localhost", "-keyout", &key, "-out", &csr]].concat());
+        std::fs::write(&ext, "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n").unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+            "-out",
+            &cert,
+        ]);
+        let server = Self::start_with(home, &["--tls-cert", &cert, "--tls-key", &key]);
+        (server, std::fs::read_to_string(ca).unwrap())
+    }
+
+    fn start_with(home: &Path, extra: &[&str]) -> Self {
         let data = home.join("trust");
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
@@ -85,6 +137,7 @@ impl Trust {
                 &addr.to_string(),
                 "--allow-sim",
             ])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -94,17 +147,34 @@ impl Trust {
             assert!(Instant::now() < deadline, "the trust service did not start");
             std::thread::sleep(Duration::from_millis(50));
         }
-        Self { child, url: format!("http://{addr}"), port, admin_token: data.join("admin.token") }
+        let scheme = if extra.is_empty() { "http" } else { "https" };
+        Self { child, url: format!("{scheme}://{addr}"), port, admin_token: data.join("admin.token") }
+    }
+
+    /// [`Trust::create_key`] over HTTPS, trusting `ca`: through the
+    /// client library, since the CLI trusts the system roots only.
+    fn create_key_tls(&self, ca: &str, name: &str, value: &[u8], host_data: &str, measurement: &str) {
+        let token = std::fs::read_to_string(&self.admin_token).unwrap();
+        let url = format!("https://localhost:{}", self.port);
+        let client = capsa_trust::client::Client::with_ca(&url, ca.as_bytes()).unwrap().with_admin_token(token.trim());
+        let body = json!({"name": name, "kty": "oct", "bits": 256, "immutable": false,
+            "value": URL_SAFE_NO_PAD.encode(value), "release_policy": self.release_policy(host_data, measurement)});
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(client.create_key(&body)).unwrap();
+    }
+
+    fn release_policy(&self, host_data: &str, measurement: &str) -> serde_json::Value {
+        json!({"version": "1.0.0", "anyOf": [{"authority": format!("{}/sim", self.url), "allOf": [
+            {"claim": "x-ms-sevsnpvm-hostdata", "equals": host_data},
+            {"claim": "x-ms-sevsnpvm-launchmeasurement", "equals": measurement},
+            {"claim": "x-ms-sevsnpvm-is-debuggable", "equals": false}]}]})
     }
 
     /// Creates key `name` holding `value`, released only to the sim
     /// issuer's tokens for HOST_DATA `host_data` and MEASUREMENT
     /// `measurement`.
     fn create_key(&self, home: &Path, name: &str, value: &[u8], host_data: &str, measurement: &str) {
-        let policy = json!({"version": "1.0.0", "anyOf": [{"authority": format!("{}/sim", self.url), "allOf": [
-            {"claim": "x-ms-sevsnpvm-hostdata", "equals": host_data},
-            {"claim": "x-ms-sevsnpvm-launchmeasurement", "equals": measurement},
-            {"claim": "x-ms-sevsnpvm-is-debuggable", "equals": false}]}]});
+        let policy = self.release_policy(host_data, measurement);
         let policy_file = home.join(format!("{name}.policy.json"));
         std::fs::write(&policy_file, policy.to_string()).unwrap();
         let value_file = home.join(format!("{name}.key"));
@@ -173,6 +243,11 @@ struct Setup {
 }
 
 fn setup(tools: &Tools, extra: Vec<BuiltLayer>) -> Setup {
+    setup_with(tools, extra, false).0
+}
+
+/// [`setup`], with the trust service on HTTPS when `tls` (its CA returned).
+fn setup_with(tools: &Tools, extra: Vec<BuiltLayer>, tls: bool) -> (Setup, Option<String>) {
     let home = TempDir::new("workload-api");
     let guest = home.join("guest");
     let out = run(
@@ -200,13 +275,23 @@ fn setup(tools: &Tools, extra: Vec<BuiltLayer>) -> Setup {
         build_image_with(layers, "amd64", None, json!({"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"], "User": "0:0"}));
     let layout = home.join("layout");
     write_layout(&layout, &image.blobs(), &[("app:1", &image.manifest)]);
-    let trust = Trust::start(home.path());
-    Setup { home, guest, layout, measurement, trust }
+    let (trust, ca) = if tls {
+        let (trust, ca) = Trust::start_tls(home.path());
+        (trust, Some(ca))
+    } else {
+        (Trust::start(home.path()), None)
+    };
+    (Setup { home, guest, layout, measurement, trust }, ca)
 }
 
 /// Writes the pod, attaches its policy (`capsa policy gen --trust`), and
 /// returns the annotated pod and its HOST_DATA.
 fn annotated_pod(s: &Setup, name: &str, annotations: &str, script: &str) -> (PathBuf, String) {
+    annotated_pod_with(s, name, annotations, script, None)
+}
+
+/// [`annotated_pod`], naming an HTTPS trust service and its CA when `ca`.
+fn annotated_pod_with(s: &Setup, name: &str, annotations: &str, script: &str, ca: Option<&str>) -> (PathBuf, String) {
     let pod = format!(
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  annotations: {{{annotations}}}\nspec:\n  containers:\n  - name: app\n    image: app:1\n    command: [\"/bin/sh\", \"-c\", {}]\n",
         serde_json::Value::from(script)
@@ -214,21 +299,26 @@ fn annotated_pod(s: &Setup, name: &str, annotations: &str, script: &str) -> (Pat
     let path = s.home.join(&format!("{name}.yaml"));
     std::fs::write(&path, pod).unwrap();
     let annotated = s.home.join(&format!("{name}.annotated.yaml"));
-    let trust_url = format!("http://localhost:{}", s.trust.port);
-    let out = run(
-        s.home.path(),
-        &[
-            "policy",
-            "gen",
-            path.to_str().unwrap(),
-            "--oci-layout",
-            s.layout.to_str().unwrap(),
-            "--trust",
-            &trust_url,
-            "--out",
-            annotated.to_str().unwrap(),
-        ],
-    );
+    let scheme = if ca.is_some() { "https" } else { "http" };
+    let trust_url = format!("{scheme}://localhost:{}", s.trust.port);
+    let mut args = vec![
+        "policy".to_owned(),
+        "gen".to_owned(),
+        path.display().to_string(),
+        "--oci-layout".to_owned(),
+        s.layout.display().to_string(),
+        "--trust".to_owned(),
+        trust_url.clone(),
+        "--out".to_owned(),
+        annotated.display().to_string(),
+    ];
+    if let Some(ca) = ca {
+        let ca_file = s.home.join("trust-ca.pem");
+        std::fs::write(&ca_file, ca).unwrap();
+        args.extend(["--trust-ca".to_owned(), format!("{trust_url}={}", ca_file.display())]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run(s.home.path(), &args);
     assert!(out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     let host_data = stderr.lines().find_map(|l| l.split_once("HOST_DATA ").map(|(_, h)| h.trim().to_owned())).unwrap();
@@ -344,13 +434,16 @@ fn the_host_relays_only_wrapped_bytes() {
             .finish(),
         Comp::Gzip,
     );
-    let s = setup(&tools, vec![unseal_layer]);
+    // Over HTTPS: TLS ends in the guest, which trusts only the CA its
+    // initdata names.
+    let (s, ca) = setup_with(&tools, vec![unseal_layer], true);
+    let ca = ca.unwrap();
     let port = s.trust.port;
     let script = format!(
-        "capsa-unseal --maa http://localhost:{port} --akv http://localhost:{port} --kid tap-key /sealed.bin | sha256sum"
+        "capsa-unseal --maa https://localhost:{port} --akv https://localhost:{port} --kid tap-key /sealed.bin | sha256sum"
     );
-    let (pod, host_data) = annotated_pod(&s, "tap", "", &script);
-    s.trust.create_key(s.home.path(), "tap-key", &key, &host_data, &s.measurement);
+    let (pod, host_data) = annotated_pod_with(&s, "tap", "", &script, Some(&ca));
+    s.trust.create_key_tls(&ca, "tap-key", &key, &host_data, &s.measurement);
 
     // The launcher as `capsa run` drives it, with a tap on the forwarding port.
     let text = std::fs::read_to_string(&pod).unwrap();
@@ -414,7 +507,10 @@ fn the_host_relays_only_wrapped_bytes() {
     // key nor the message, in any encoding.
     let relayed = tap.lock().unwrap().clone();
     let text = String::from_utf8_lossy(&relayed);
-    assert!(text.contains("/keys/tap-key/release"), "the release went through the forwarding port");
+    assert!(relayed.len() > 4096, "the key release went through the forwarding port ({} bytes)", relayed.len());
+    // TLS records (0x16 handshake, version 3.x), and no HTTP in clear.
+    assert!(relayed.starts_with(&[0x16, 0x03]), "the guest opened with a TLS handshake");
+    assert!(!text.contains("HTTP/1.1") && !text.contains("/keys/tap-key"), "no HTTP crossed in clear");
     let needle = |n: &[u8]| relayed.windows(n.len()).any(|w| w == n);
     for secret in [&key[..], &message[..]] {
         assert!(!needle(secret), "raw secret bytes crossed the host");
