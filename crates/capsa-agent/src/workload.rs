@@ -413,48 +413,19 @@ fn printable(s: &str) -> String {
 fn read_request(stream: &mut TcpStream, deadline: Instant) -> Result<HttpRequest, ReadFailure> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0_u8; 4096];
-    let (method, path, head_len, content_length) = loop {
+    let Head { method, path, head_len, framing } = loop {
         let n = read_some(stream, &mut chunk, deadline)?;
         buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut request = httparse::Request::new(&mut headers);
-        match request.parse(&buf) {
-            Ok(httparse::Status::Complete(head_len)) if head_len > MAX_HEAD => {
-                return Err(ReadFailure::Answer(ApiError::new(
-                    431,
-                    Step::Request,
-                    format!("request head exceeds {MAX_HEAD} bytes"),
-                )));
+        if let Some(head) = parse_head(&buf).map_err(ReadFailure::Answer)? {
+            if head.framing.expect_continue {
+                // curl asks before sending a body over 1 KiB; answer
+                // rather than make it wait.
+                write_all(stream, b"HTTP/1.1 100 Continue\r\n\r\n")?;
             }
-            Ok(httparse::Status::Complete(head_len)) => {
-                let method = request.method.unwrap_or_default().to_owned();
-                let path = request.path.unwrap_or_default().to_owned();
-                let framing = body_framing(request.headers)?;
-                if framing.expect_continue {
-                    // curl asks before sending a body over 1 KiB; answer
-                    // rather than make it wait.
-                    write_all(stream, b"HTTP/1.1 100 Continue\r\n\r\n")?;
-                }
-                break (method, path, head_len, framing.content_length);
-            }
-            Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
-                return Err(ReadFailure::Answer(ApiError::new(
-                    431,
-                    Step::Request,
-                    format!("request head exceeds {MAX_HEAD} bytes"),
-                )));
-            }
-            Ok(httparse::Status::Partial) => {}
-            Err(httparse::Error::TooManyHeaders) => {
-                return Err(ReadFailure::Answer(ApiError::new(
-                    431,
-                    Step::Request,
-                    format!("more than {MAX_HEADERS} request headers"),
-                )));
-            }
-            Err(e) => return Err(ReadFailure::Answer(ApiError::bad_request(format!("malformed http request: {e}")))),
+            break head;
         }
     };
+    let content_length = framing.content_length;
     let mut body = buf.split_off(head_len.min(buf.len()));
     // A client that sent more than it declared is pipelining; only one
     // request is served per connection, so the rest is dropped.
@@ -470,6 +441,62 @@ fn read_request(stream: &mut TcpStream, deadline: Instant) -> Result<HttpRequest
 struct Framing {
     content_length: usize,
     expect_continue: bool,
+}
+
+/// A request's head, parsed.
+struct Head {
+    method: String,
+    path: String,
+    head_len: usize,
+    framing: Framing,
+}
+
+/// The head of a request whose first bytes are `buf`: `None` while it is
+/// incomplete, an error to answer when it is malformed or too large.
+fn parse_head(buf: &[u8]) -> Result<Option<Head>, ApiError> {
+    let too_large = || ApiError::new(431, Step::Request, format!("request head exceeds {MAX_HEAD} bytes"));
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut headers);
+    match request.parse(buf) {
+        Ok(httparse::Status::Complete(head_len)) if head_len > MAX_HEAD => Err(too_large()),
+        Ok(httparse::Status::Complete(head_len)) => {
+            let framing = body_framing(request.headers).map_err(|failure| match failure {
+                ReadFailure::Answer(e) => e,
+                ReadFailure::Gone(e) => ApiError::bad_request(e.to_string()),
+            })?;
+            Ok(Some(Head {
+                method: request.method.unwrap_or_default().to_owned(),
+                path: request.path.unwrap_or_default().to_owned(),
+                head_len,
+                framing,
+            }))
+        }
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => Err(too_large()),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            Err(ApiError::new(431, Step::Request, format!("more than {MAX_HEADERS} request headers")))
+        }
+        Err(e) => Err(ApiError::bad_request(format!("malformed http request: {e}"))),
+    }
+}
+
+/// The answer to one request given whole as `raw` (head and body), as the
+/// server would send it: its status and body. For fuzzing the request
+/// handling without a socket; an incomplete request is a 400 here, where
+/// the server would wait for more.
+pub fn answer_raw(backend: &dyn WorkloadBackend, raw: &[u8]) -> (u16, Vec<u8>) {
+    let answer = match parse_head(raw) {
+        Ok(Some(head)) => {
+            let body = raw.get(head.head_len..).unwrap_or_default();
+            match body.get(..head.framing.content_length) {
+                Some(body) => handle(backend, &head.method, &head.path, body),
+                None => Answer::error(&ApiError::bad_request("the body is shorter than its content-length")),
+            }
+        }
+        Ok(None) => Answer::error(&ApiError::bad_request("the request is incomplete")),
+        Err(e) => Answer::error(&e),
+    };
+    (answer.status, answer.body.to_vec())
 }
 
 /// How the body is framed: `Content-Length` only, at most [`MAX_BODY`].
