@@ -17,8 +17,8 @@ use capsa_policy::document::{SandboxSettings, TrustAddress, TrustEndpoint};
 use capsa_policy::request::Request;
 use capsa_tee::attest::EvidenceKind as TeeKind;
 use capsa_trust::api::EvidenceKind;
-use capsa_trust::client::{self, Client, ClientError, ClientOptions, RuntimeKey};
-use serde_json::{Value, json};
+use capsa_trust::client::{self, Client, ClientError, ClientOptions, RuntimeDataType, RuntimeKey};
+use serde_json::Value;
 use zeroize::Zeroizing;
 
 use crate::forward::Forwarder;
@@ -102,9 +102,9 @@ impl WorkloadService {
 
     /// Attests `runtime_data` (`data_type` `JSON` or `Binary`) at
     /// `maa_endpoint`; returns the token.
-    fn token(&self, maa_endpoint: &str, runtime_data: &[u8], data_type: &str) -> Result<String, ApiError> {
+    fn token(&self, maa_endpoint: &str, runtime_data: &[u8], data_type: RuntimeDataType) -> Result<String, ApiError> {
         let client = self.client(maa_endpoint, Step::Token)?;
-        let report_data = bound_report_data(runtime_data);
+        let report_data = bound_report_data(runtime_data)?;
         let (kind, report, chain) = self.evidence(&report_data)?;
         if kind == TeeKind::Tdx {
             return Err(ApiError::failed(
@@ -112,27 +112,21 @@ impl WorkloadService {
                 "TDX guests attest through the trust service's TdxVm endpoint, which the workload API does not use yet",
             ));
         }
-        let mut envelope = json!({"SnpReport": URL_SAFE_NO_PAD.encode(&report)});
-        if let (Some(chain), Some(obj)) = (chain, envelope.as_object_mut()) {
-            obj.insert("VcekCertChain".into(), Value::String(URL_SAFE_NO_PAD.encode(chain)));
-        }
-        let body = json!({
-            "report": URL_SAFE_NO_PAD.encode(envelope.to_string()),
-            "runtimeData": {"data": URL_SAFE_NO_PAD.encode(runtime_data), "dataType": data_type},
-        });
+        let body = client::snp_attest_request_with(
+            &report,
+            chain.as_deref().map(str::as_bytes),
+            runtime_data,
+            data_type,
+            None,
+        );
         block_on(client.attest(EvidenceKind::SevSnpVm, None, &body), Step::Token)?.map_err(|e| refusal(Step::Token, &e))
     }
 }
 
-/// REPORT_DATA for runtime data: its SHA-256, zero-padded (the trust
-/// service's binding rule without a nonce).
-fn bound_report_data(runtime_data: &[u8]) -> [u8; 64] {
-    let mut out = [0u8; 64];
-    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, runtime_data);
-    for (slot, byte) in out.iter_mut().zip(digest.as_ref()) {
-        *slot = *byte;
-    }
-    out
+/// REPORT_DATA for runtime data: the trust service's binding rule without
+/// a nonce (its SHA-256, zero-padded).
+fn bound_report_data(runtime_data: &[u8]) -> Result<[u8; 64], ApiError> {
+    client::report_data_for_bytes(runtime_data, None).map_err(|e| ApiError::failed(Step::Internal, e.to_string()))
 }
 
 fn block_on<T>(future: impl std::future::Future<Output = T>, step: Step) -> Result<T, ApiError> {
@@ -170,11 +164,11 @@ impl WorkloadBackend for WorkloadService {
     }
 
     fn attest_raw(&self, runtime_data: &[u8]) -> Result<Vec<u8>, ApiError> {
-        Ok(self.evidence(&bound_report_data(runtime_data))?.1)
+        Ok(self.evidence(&bound_report_data(runtime_data)?)?.1)
     }
 
     fn attest_maa(&self, maa_endpoint: &str, runtime_data: &[u8]) -> Result<String, ApiError> {
-        self.token(maa_endpoint, runtime_data, "Binary")
+        self.token(maa_endpoint, runtime_data, RuntimeDataType::Binary)
     }
 
     fn release_key(&self, maa_endpoint: &str, akv_endpoint: &str, kid: &str) -> Result<Jwk, ApiError> {
@@ -182,7 +176,7 @@ impl WorkloadBackend for WorkloadService {
         let broker = self.client(akv_endpoint, Step::ReleasePolicy)?;
         let wrapping = RuntimeKey::generate().map_err(|e| ApiError::failed(Step::Internal, e.to_string()))?;
         let runtime = wrapping.runtime_data().map_err(|e| ApiError::failed(Step::Internal, e.to_string()))?;
-        let token = self.token(maa_endpoint, runtime.to_string().as_bytes(), "JSON")?;
+        let token = self.token(maa_endpoint, runtime.to_string().as_bytes(), RuntimeDataType::Json)?;
         let (response, keys) = block_on(
             async {
                 let response = broker.release(&name, version.as_deref(), &token).await?;
@@ -229,7 +223,7 @@ mod tests {
 
     #[test]
     fn report_data_is_the_runtime_data_digest_zero_padded() {
-        let rd = bound_report_data(b"abc");
+        let rd = bound_report_data(b"abc").unwrap();
         assert_eq!(hex::encode(&rd[..32]), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
         assert!(rd[32..].iter().all(|b| *b == 0));
     }

@@ -31,11 +31,9 @@ fn require<T>(what: &str) -> Option<T> {
 /// The guest image, built into `dir` from the static agent in `CAPSA_AGENT`.
 pub fn guest_files(dir: &Path) -> Option<GuestFiles> {
     if !capsa_testkit::have("qemu-system-x86_64") {
-        return require("qemu-system-x86_64");
+        return None;
     }
-    let Some(agent) = std::env::var_os("CAPSA_AGENT").map(PathBuf::from) else {
-        return require("the static agent (run scripts/build-agent and set CAPSA_AGENT)");
-    };
+    let agent = capsa_testkit::built("CAPSA_AGENT", "run scripts/build-agent")?;
     let Ok(kernel) = guest::locate_kernel(None, None) else { return require("a guest kernel in /boot") };
     let image = guest::build(&GuestInputs {
         kernel: kernel.kernel,

@@ -43,6 +43,21 @@ pub fn have(tool: &str) -> bool {
     found
 }
 
+/// An artifact the test suite builds outside cargo (the static agent,
+/// capsa-unseal), named by the environment variable `var`; `how` says how
+/// to build it. Missing: skips (loudly), or fails under CAPSA_REQUIRE_TOOLS,
+/// as [`have`] does for tools.
+pub fn built(var: &str, how: &str) -> Option<PathBuf> {
+    let found = std::env::var_os(var).map(PathBuf::from);
+    if found.is_none() {
+        if std::env::var_os("CAPSA_REQUIRE_TOOLS").is_some() {
+            panic!("{var} is required (CAPSA_REQUIRE_TOOLS is set) but not set: {how}");
+        }
+        eprintln!("SKIPPED: {var} is not set: {how}");
+    }
+    found
+}
+
 /// A directory removed when dropped.
 pub struct TempDir(pub PathBuf);
 

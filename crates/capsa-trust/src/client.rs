@@ -316,16 +316,46 @@ pub fn runtime_data_for(wrapping_key: &PrivateDecryptingKey) -> Result<Value, Cl
     )
 }
 
+/// How an attest request declares its runtime data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuntimeDataType {
+    /// A JSON document, which the token carries as such.
+    Json,
+    /// Opaque bytes.
+    Binary,
+}
+
+impl RuntimeDataType {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Json => "JSON",
+            Self::Binary => "Binary",
+        }
+    }
+}
+
 /// Builds an SevSnpVm attest request body: the report and its VCEK chain
 /// (PEM), the runtime data (JSON) and an optional nonce.
 pub fn snp_attest_request(report: &[u8], vcek_chain_pem: &[u8], runtime: &Value, nonce: Option<&str>) -> Value {
-    let envelope = json!({
-        "SnpReport": URL_SAFE_NO_PAD.encode(report),
-        "VcekCertChain": URL_SAFE_NO_PAD.encode(vcek_chain_pem),
-    });
+    snp_attest_request_with(report, Some(vcek_chain_pem), runtime.to_string().as_bytes(), RuntimeDataType::Json, nonce)
+}
+
+/// [`snp_attest_request`] for runtime data given as bytes, and without a
+/// chain when the service is to take the VCEK from its certificate cache.
+pub fn snp_attest_request_with(
+    report: &[u8],
+    vcek_chain_pem: Option<&[u8]>,
+    runtime: &[u8],
+    data_type: RuntimeDataType,
+    nonce: Option<&str>,
+) -> Value {
+    let mut envelope = json!({"SnpReport": URL_SAFE_NO_PAD.encode(report)});
+    if let (Some(chain), Some(obj)) = (vcek_chain_pem, envelope.as_object_mut()) {
+        obj.insert("VcekCertChain".into(), Value::String(URL_SAFE_NO_PAD.encode(chain)));
+    }
     let mut body = json!({
         "report": URL_SAFE_NO_PAD.encode(envelope.to_string()),
-        "runtimeData": {"data": URL_SAFE_NO_PAD.encode(runtime.to_string()), "dataType": "JSON"},
+        "runtimeData": {"data": URL_SAFE_NO_PAD.encode(runtime), "dataType": data_type.as_str()},
     });
     if let (Some(n), Some(obj)) = (nonce, body.as_object_mut()) {
         obj.insert("nonce".into(), Value::String(n.to_owned()));
@@ -337,11 +367,15 @@ pub fn snp_attest_request(report: &[u8], vcek_chain_pem: &[u8], runtime: &Value,
 /// SHA-256 of the runtime data's JSON, then the SHA-256 of the nonce's bytes
 /// or zeros, the one layout the server's attestation accepts.
 pub fn report_data_for(runtime: &Value, nonce: Option<&str>) -> Result<[u8; 64], ClientError> {
+    report_data_for_bytes(runtime.to_string().as_bytes(), nonce)
+}
+
+/// [`report_data_for`] for runtime data given as the bytes the request
+/// carries.
+pub fn report_data_for_bytes(runtime: &[u8], nonce: Option<&str>) -> Result<[u8; 64], ClientError> {
     let mut out = [0u8; 64];
     let (first, second) = out.split_at_mut(32);
-    first.copy_from_slice(
-        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, runtime.to_string().as_bytes()).as_ref(),
-    );
+    first.copy_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, runtime).as_ref());
     if let Some(n) = nonce {
         let bytes = URL_SAFE_NO_PAD.decode(n).map_err(|e| ClientError::Answer(format!("nonce: {e}")))?;
         second.copy_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &bytes).as_ref());

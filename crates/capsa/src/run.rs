@@ -246,24 +246,28 @@ fn guest_files(args: &RunArgs) -> anyhow::Result<GuestFiles> {
     Ok(GuestFiles { kernel, initrd, cmdline: cmdline.trim().to_owned() })
 }
 
-fn layers_of(
+/// The blobs of `image`'s layers not in `seen` yet, fetched once each;
+/// adds their diff_ids to `seen`.
+fn new_layers(
     image: &ResolvedImage,
     reference: &str,
     source: &ImageSource,
     options: &ResolveOptions,
+    seen: &mut BTreeSet<String>,
 ) -> anyhow::Result<Vec<LayerSource>> {
-    image
-        .layers
-        .iter()
-        .map(|layer| {
-            let compression = Compression::from_media_type(&layer.media_type).ok_or_else(|| {
-                UsageError(format!("{reference}: layer media type {} is not supported", layer.media_type))
-            })?;
-            let path = layer_blob_blocking(reference, source, options, layer)
-                .with_context(|| format!("fetching layer {} of {reference}", layer.digest))?;
-            Ok(LayerSource { diff_id: layer.diff_id.clone(), compression, path })
-        })
-        .collect()
+    let mut layers = Vec::new();
+    for layer in &image.layers {
+        if !seen.insert(layer.diff_id.clone()) {
+            continue;
+        }
+        let compression = Compression::from_media_type(&layer.media_type).ok_or_else(|| {
+            UsageError(format!("{reference}: layer media type {} is not supported", layer.media_type))
+        })?;
+        let path = layer_blob_blocking(reference, source, options, layer)
+            .with_context(|| format!("fetching layer {} of {reference}", layer.digest))?;
+        layers.push(LayerSource { diff_id: layer.diff_id.clone(), compression, path });
+    }
+    Ok(layers)
 }
 
 /// Runs the workload; returns its exit code.
@@ -277,13 +281,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 
     let mut requests = Vec::new();
     let mut layers: Vec<LayerSource> = Vec::new();
-    let mut seen = BTreeSet::new();
+    let (mut seen, mut resolved) = (BTreeSet::new(), BTreeSet::new());
     for (container, reference) in plan.data.containers.iter().zip(&plan.images) {
-        let image = resolve_blocking(reference, &source, &options).with_context(|| format!("resolving {reference}"))?;
-        for layer in layers_of(&image, reference, &source, &options)? {
-            if seen.insert(layer.diff_id.clone()) {
-                layers.push(layer);
-            }
+        // Containers of a pod often share an image: resolve it once.
+        if resolved.insert(reference.as_str()) {
+            let image =
+                resolve_blocking(reference, &source, &options).with_context(|| format!("resolving {reference}"))?;
+            layers.extend(new_layers(&image, reference, &source, &options, &mut seen)?);
         }
         let mut request = pod::conforming_request(&id, container)?;
         if !args.command.is_empty() {

@@ -9,8 +9,11 @@
 //! missing; failed instead under `CAPSA_REQUIRE_TOOLS=1`, as CI runs.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
+mod common;
+use common::{capsa, run};
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use capsa_testkit::{Comp, Registry, TarBuilder, TempDir, build_image_with, layer, skopeo, write_layout};
@@ -23,38 +26,9 @@ struct Env {
 }
 
 fn tools() -> Option<PathBuf> {
-    let missing = ["docker-registry", "skopeo", "qemu-system-x86_64"].into_iter().find(|t| !capsa_testkit::have(t));
-    let agent = std::env::var_os("CAPSA_AGENT").map(PathBuf::from);
-    let problem = match (missing, &agent) {
-        (Some(tool), _) => tool.to_owned(),
-        (None, None) => "the static agent (scripts/build-agent; CAPSA_AGENT)".to_owned(),
-        (None, Some(_)) => return agent,
-    };
-    assert!(std::env::var_os("CAPSA_REQUIRE_TOOLS").is_none(), "{problem} is missing (CAPSA_REQUIRE_TOOLS is set)");
-    eprintln!("SKIPPED: {problem} is missing");
-    None
-}
-
-fn capsa(home: &Path) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_capsa"));
-    command
-        .env("HOME", home)
-        .env("XDG_CACHE_HOME", home.join("cache"))
-        .env("CAPSA_SIM_DIR", home.join("sim"))
-        .env_remove("XDG_STATE_HOME")
-        .env("NO_COLOR", "1");
-    command
-}
-
-fn run(home: &Path, args: &[&str]) -> Output {
-    let out = capsa(home).args(args).output().unwrap();
-    eprintln!(
-        "$ capsa {}\n{}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    let tools = ["docker-registry", "skopeo", "qemu-system-x86_64"].into_iter().all(capsa_testkit::have);
+    let agent = capsa_testkit::built("CAPSA_AGENT", "run scripts/build-agent")?;
+    tools.then_some(agent)
 }
 
 fn setup(agent: &Path) -> Env {

@@ -8,9 +8,12 @@
 //! is missing; failed instead under `CAPSA_REQUIRE_TOOLS=1`, as CI runs.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 
+mod common;
+use common::{capsa, run};
+
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,40 +29,11 @@ struct Tools {
 }
 
 fn tools() -> Option<Tools> {
-    let missing = ["qemu-system-x86_64", "curl"].into_iter().find(|t| !capsa_testkit::have(t));
-    let agent = std::env::var_os("CAPSA_AGENT").map(PathBuf::from);
-    let unseal = std::env::var_os("CAPSA_UNSEAL").map(PathBuf::from);
-    let problem = match (missing, agent, unseal) {
-        (Some(tool), _, _) => tool.to_owned(),
-        (None, Some(agent), Some(unseal)) => return Some(Tools { agent, unseal }),
-        _ => "the static agent and capsa-unseal (scripts/build-agent; CAPSA_AGENT, CAPSA_UNSEAL)".to_owned(),
-    };
-    assert!(std::env::var_os("CAPSA_REQUIRE_TOOLS").is_none(), "{problem} is missing (CAPSA_REQUIRE_TOOLS is set)");
-    eprintln!("SKIPPED: {problem} is missing");
-    None
-}
-
-fn capsa(home: &Path) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_capsa"));
-    command
-        .env("HOME", home)
-        .env("XDG_CACHE_HOME", home.join("cache"))
-        .env("CAPSA_SIM_DIR", home.join("sim"))
-        .env_remove("XDG_STATE_HOME")
-        .env_remove("CAPSA_TRUST_URL")
-        .env("NO_COLOR", "1");
-    command
-}
-
-fn run(home: &Path, args: &[&str]) -> Output {
-    let out = capsa(home).args(args).output().unwrap();
-    eprintln!(
-        "$ capsa {}\n{}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    let tools = ["qemu-system-x86_64", "curl"].into_iter().all(capsa_testkit::have);
+    let agent = capsa_testkit::built("CAPSA_AGENT", "run scripts/build-agent")?;
+    let unseal =
+        capsa_testkit::built("CAPSA_UNSEAL", "run scripts/build-agent; it builds capsa-unseal beside the agent")?;
+    tools.then_some(Tools { agent, unseal })
 }
 
 /// `capsa trust serve --allow-sim` on a free port; killed when dropped.
