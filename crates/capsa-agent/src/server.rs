@@ -331,25 +331,29 @@ impl Agent {
 
     /// The policy's decision on `request`; `Err` holds its explanation.
     pub fn decide_request(&self, request: &Request) -> Result<(), String> {
+        self.judge(request).map_err(|failure| failure.message)
+    }
+
+    /// The decision as a failure to answer: no policy yet, or a denial.
+    fn judge(&self, request: &Request) -> Result<(), Failure> {
         let mut policy = lock(&self.policy);
-        let policy = policy.as_mut().ok_or("the sandbox has no policy yet: send create_sandbox first")?;
+        let policy = policy
+            .as_mut()
+            .ok_or_else(|| fail(FailureKind::Invalid, "the sandbox has no policy yet: send create_sandbox first"))?;
         let decision = policy.engine.decide_request(request);
         if decision.allowed {
             Ok(())
         } else {
             let message = format!("{} {decision}", request.op());
             eprintln!("capsa-agent: refused {}", message.trim_end());
-            Err(message.trim_end().to_owned())
+            Err(fail(FailureKind::Denied, message.trim_end()))
         }
     }
 
     /// Step 3: the policy decides.
     fn decide(&self, call: &Call) -> Result<(), Failure> {
         let Some(request) = policy_request(call) else { return Ok(()) };
-        if lock(&self.policy).is_none() {
-            return Err(fail(FailureKind::Invalid, "the sandbox has no policy yet: send create_sandbox first"));
-        }
-        self.decide_request(&request).map_err(|message| fail(FailureKind::Denied, message))
+        self.judge(&request)
     }
 
     fn layer_chunk(&self, id: u64, last: bool, payload: &[u8]) -> Answer {

@@ -157,14 +157,12 @@ impl Sandbox {
         if !valid_id(&config.id) {
             return Err(LaunchError::BadId(config.id.clone()));
         }
-        let read = |path: &PathBuf| {
-            std::fs::read(path).map_err(|source| LaunchError::Guest { path: path.display().to_string(), source })
-        };
-        let measurement = crate::measure::launch_digest(
-            &read(&config.guest.kernel)?,
-            &read(&config.guest.initrd)?,
-            &config.guest.cmdline,
-        );
+        let measurement =
+            crate::measure::launch_digest_of_files(&config.guest.kernel, &config.guest.initrd, &config.guest.cmdline)
+                .map_err(|crate::measure::MeasureError::Read { path, source, .. }| LaunchError::Guest {
+                path: path.display().to_string(),
+                source,
+            })?;
         let rpc_name = abstract_name(&config.id, "rpc");
         let sim_name = abstract_name(&config.id, "sim");
         let fwd_name = abstract_name(&config.id, "fwd");
