@@ -16,6 +16,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod output;
 use output::outln;
+mod encfs;
 mod guest;
 mod policy;
 mod run;
@@ -59,6 +60,9 @@ enum Command {
     Logs(run::LogsArgs),
     /// Stop a running sandbox.
     Stop(run::StopArgs),
+    /// Encrypted filesystem images: create, check, mount.
+    #[command(subcommand)]
+    Encfs(encfs::EncfsCommand),
 }
 
 #[derive(Subcommand)]
@@ -230,6 +234,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ps(args) => run::ps(args),
         Command::Logs(args) => run::logs(args),
         Command::Stop(args) => run::stop(args),
+        Command::Encfs(cmd) => encfs::run(cmd),
     }
 }
 

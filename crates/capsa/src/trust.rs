@@ -82,10 +82,10 @@ pub(crate) struct ServerArgs {
 pub(crate) struct AdminArgs {
     /// The trust service's URL (or CAPSA_TRUST_URL).
     #[arg(long, env = "CAPSA_TRUST_URL", default_value = DEFAULT_URL)]
-    server: String,
+    pub(crate) server: String,
     /// A file holding an admin bearer token (a local server writes `<data-dir>/admin.token`).
     #[arg(long, env = "CAPSA_TRUST_ADMIN_TOKEN_FILE")]
-    admin_token_file: PathBuf,
+    pub(crate) admin_token_file: PathBuf,
 }
 
 #[derive(Args)]
@@ -264,18 +264,18 @@ pub(crate) enum AuditCommand {
     },
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
-fn admin_client(args: &AdminArgs) -> anyhow::Result<Client> {
+pub(crate) fn admin_client(args: &AdminArgs) -> anyhow::Result<Client> {
     let token = std::fs::read_to_string(&args.admin_token_file)
         .map_err(|e| UsageError(format!("cannot read the admin token {}: {e}", args.admin_token_file.display())))?;
     Ok(Client::new(&args.server)?.with_admin_token(token.trim()))
 }
 
 /// Maps a client error to the CLI's exit codes: refusals are 1, the rest 2.
-fn client_error(e: ClientError) -> anyhow::Error {
+pub(crate) fn client_error(e: ClientError) -> anyhow::Error {
     match e.status() {
         Some(401 | 403 | 409) => Refused(e.to_string()).into(),
         _ => UsageError(e.to_string()).into(),

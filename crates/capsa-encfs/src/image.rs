@@ -1,0 +1,666 @@
+//! An open image: reads and writes by byte range over the sealed blocks.
+//!
+//! Reads check every block against the manifest held in memory, which is
+//! trusted from the moment its MAC was checked and changes only through this
+//! process's own commits; so within a mount, a block the host rolls back to
+//! an older version fails like any other modification.
+//!
+//! Writes stay in memory until a commit, which happens on fsync, when the
+//! dirty set grows past its bound, and in the background (see
+//! [`Image::start_writeback`]). A commit writes each changed chunk as a new
+//! object, makes them durable, then replaces the manifest: the manifest is
+//! the only object ever overwritten, so the image on the store is always
+//! some committed state, whatever moment a crash picks.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, Weak};
+use std::time::Duration;
+
+use lru::LruCache;
+
+use crate::Error;
+use crate::format::{
+    self, BLOCK_SIZE, BLOCK_SIZE_U64, ChunkRef, Entry, Geometry, ImageKeys, MANIFEST_OBJECT, MAX_BLOCK_WRITES,
+    MAX_BLOCKS, Manifest, ManifestHeader, MasterKey, MetaTable,
+};
+use crate::store::{Store, StoreError};
+
+/// How an image is opened.
+#[derive(Clone, Debug)]
+pub struct OpenOptions {
+    /// Refuse writes.
+    pub read_only: bool,
+    /// Plaintext blocks kept in memory (each 4 KiB).
+    pub cache_blocks: usize,
+    /// Verified chunk metadata tables kept in memory.
+    pub cache_tables: usize,
+    /// Dirty bytes at which a write waits for a commit.
+    pub dirty_limit: usize,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        Self { read_only: false, cache_blocks: 16 * 1024, cache_tables: 1024, dirty_limit: 256 << 20 }
+    }
+}
+
+type Blocks = BTreeMap<u64, Box<[u8]>>;
+
+struct State {
+    /// The last committed manifest: what every read is checked against.
+    manifest: Manifest,
+    /// Blocks written since the last commit began.
+    dirty: Blocks,
+    /// Blocks the running commit is writing; still served to reads.
+    committing: Arc<Blocks>,
+    tables: LruCache<(u64, u64), Arc<MetaTable>>,
+    blocks: LruCache<u64, Box<[u8]>>,
+    /// The next generation a commit may use: never reused, even when a
+    /// commit fails half-way and leaves objects of its generation behind.
+    next_generation: u64,
+    failed: Option<String>,
+}
+
+/// An open image.
+pub struct Image {
+    store: Arc<dyn Store>,
+    keys: ImageKeys,
+    geometry: Geometry,
+    options: OpenOptions,
+    state: Mutex<State>,
+    /// Serializes commits.
+    commit: Mutex<()>,
+    /// Readers of chunk objects hold it shared; deleting superseded objects
+    /// holds it exclusively, so a read never loses its object mid-way.
+    objects: RwLock<()>,
+    writeback: Writeback,
+}
+
+#[derive(Default)]
+struct Writeback {
+    stop: AtomicBool,
+    wake: Condvar,
+    lock: Mutex<bool>,
+}
+
+impl Image {
+    /// Creates an empty image of `size` bytes (rounded up to whole blocks) in
+    /// an empty store, and opens it read-write.
+    pub fn create(
+        store: Arc<dyn Store>,
+        key: &MasterKey,
+        size: u64,
+        blocks_per_chunk: u32,
+        options: OpenOptions,
+    ) -> Result<Self, Error> {
+        let block_count = size.div_ceil(BLOCK_SIZE_U64);
+        if block_count == 0 || block_count > MAX_BLOCKS {
+            return Err(Error::Format(format!("an image holds 4 KiB to 16 TiB, not {size} bytes")));
+        }
+        if !(1..=65536).contains(&blocks_per_chunk) || !blocks_per_chunk.is_power_of_two() {
+            return Err(Error::Format(format!(
+                "{blocks_per_chunk} blocks per chunk: expected a power of two up to 65536"
+            )));
+        }
+        match store.get(MANIFEST_OBJECT) {
+            Err(StoreError::NotFound) => {}
+            Ok(_) => return Err(Error::Exists(store.describe())),
+            Err(source) => return Err(store_error(&*store, MANIFEST_OBJECT, source)),
+        }
+        let mut image_id = [0u8; 16];
+        aws_lc_rs::rand::fill(&mut image_id).map_err(|_| Error::Crypto("the system random generator failed"))?;
+        let geometry = Geometry { image_id, block_count, blocks_per_chunk };
+        let keys = ImageKeys::derive(key, &image_id)?;
+        let chunk_count =
+            usize::try_from(geometry.chunk_count()).map_err(|_| Error::Format("too many chunks".into()))?;
+        let manifest =
+            Manifest { geometry, generation: 0, block_writes: 0, chunks: vec![ChunkRef::ABSENT; chunk_count] };
+        store
+            .put(MANIFEST_OBJECT, &manifest.encode(&keys))
+            .map_err(|source| store_error(&*store, MANIFEST_OBJECT, source))?;
+        Ok(Self::with(store, keys, manifest, options))
+    }
+
+    /// Opens the image in `store` with its key. Read-write opens also remove
+    /// objects a crashed commit left behind.
+    pub fn open(store: Arc<dyn Store>, key: &MasterKey, options: OpenOptions) -> Result<Self, Error> {
+        let bytes = match store.get(MANIFEST_OBJECT) {
+            Ok(bytes) => bytes,
+            Err(StoreError::NotFound) => return Err(Error::NotAnImage(store.describe())),
+            Err(source) => return Err(store_error(&*store, MANIFEST_OBJECT, source)),
+        };
+        let header = ManifestHeader::peek(&bytes)?;
+        let keys = ImageKeys::derive(key, &header.geometry.image_id)?;
+        let manifest = Manifest::decode(&bytes, &keys)?;
+        let image = Self::with(store, keys, manifest, options);
+        if !image.options.read_only {
+            image.sweep()?;
+        }
+        Ok(image)
+    }
+
+    fn with(store: Arc<dyn Store>, keys: ImageKeys, manifest: Manifest, options: OpenOptions) -> Self {
+        let cap = |n: usize| NonZeroUsize::new(n).unwrap_or(NonZeroUsize::MIN);
+        let state = State {
+            next_generation: manifest.generation + 1,
+            manifest,
+            dirty: BTreeMap::new(),
+            committing: Arc::new(BTreeMap::new()),
+            tables: LruCache::new(cap(options.cache_tables)),
+            blocks: LruCache::new(cap(options.cache_blocks)),
+            failed: None,
+        };
+        let geometry = state.manifest.geometry;
+        Self {
+            store,
+            keys,
+            geometry,
+            options,
+            state: Mutex::new(state),
+            commit: Mutex::new(()),
+            objects: RwLock::new(()),
+            writeback: Writeback::default(),
+        }
+    }
+
+    /// The image's geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    /// The image's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.geometry.size()
+    }
+
+    /// Whether writes are refused.
+    pub fn read_only(&self) -> bool {
+        self.options.read_only
+    }
+
+    /// The last committed generation.
+    pub fn generation(&self) -> u64 {
+        self.lock().manifest.generation
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads `buf.len()` bytes at `offset`, or fewer at the image's end.
+    /// Every byte returned comes from a block that passed its check.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize, Error> {
+        let size = self.size();
+        if offset >= size || buf.is_empty() {
+            return Ok(0);
+        }
+        let len = (buf.len() as u64).min(size - offset) as usize;
+        let first = offset / BLOCK_SIZE_U64;
+        let last = (offset + len as u64 - 1) / BLOCK_SIZE_U64;
+        let blocks = self.read_blocks(first, last + 1)?;
+        let skip = (offset - first * BLOCK_SIZE_U64) as usize;
+        let source = blocks.get(skip..skip + len).ok_or(Error::Crypto("read buffer arithmetic"))?;
+        let target = buf.get_mut(..len).ok_or(Error::Crypto("read buffer arithmetic"))?;
+        target.copy_from_slice(source);
+        Ok(len)
+    }
+
+    /// The plaintext of blocks `first..end`, concatenated.
+    fn read_blocks(&self, first: u64, end: u64) -> Result<Vec<u8>, Error> {
+        let count = (end - first) as usize;
+        let mut out = vec![0u8; count * BLOCK_SIZE];
+        let mut missing: Vec<u64> = Vec::new();
+        {
+            let mut state = self.lock();
+            for block in first..end {
+                let at = (block - first) as usize * BLOCK_SIZE;
+                let slot = out.get_mut(at..at + BLOCK_SIZE).ok_or(Error::Crypto("read buffer arithmetic"))?;
+                if let Some(data) = state.dirty.get(&block).or_else(|| state.committing.get(&block)) {
+                    slot.copy_from_slice(data);
+                } else if let Some(data) = state.blocks.get(&block) {
+                    slot.copy_from_slice(data);
+                } else {
+                    missing.push(block);
+                }
+            }
+        }
+        // Fetch the rest chunk by chunk, each run of consecutive blocks in one
+        // ranged read.
+        let per_chunk = u64::from(self.geometry.blocks_per_chunk);
+        let mut i = 0;
+        while let Some(&start) = missing.get(i) {
+            let chunk = start / per_chunk;
+            let mut stop = start + 1;
+            while missing.get(i + (stop - start) as usize) == Some(&stop) && stop / per_chunk == chunk {
+                stop += 1;
+            }
+            let at = (start - first) as usize * BLOCK_SIZE;
+            let target = out
+                .get_mut(at..at + (stop - start) as usize * BLOCK_SIZE)
+                .ok_or(Error::Crypto("read buffer arithmetic"))?;
+            self.fetch_run(chunk, start, stop, target)?;
+            i += (stop - start) as usize;
+        }
+        Ok(out)
+    }
+
+    /// Reads blocks `start..stop` of one chunk from the store into `out`,
+    /// checking each, and caches them.
+    fn fetch_run(&self, chunk: u64, start: u64, stop: u64, out: &mut [u8]) -> Result<(), Error> {
+        let _objects = self.objects.read().unwrap_or_else(|p| p.into_inner());
+        let chunk_ref = self.chunk_ref(chunk)?;
+        if chunk_ref.generation == 0 {
+            out.fill(0);
+            return Ok(());
+        }
+        let table = self.table(chunk, chunk_ref, start)?;
+        let per_chunk = u64::from(self.geometry.blocks_per_chunk);
+        let name = format::chunk_object(chunk, chunk_ref.generation);
+        let data_start = format::meta_table_len(self.geometry.blocks_per_chunk) as u64;
+        let from = data_start + (start - chunk * per_chunk) * BLOCK_SIZE_U64;
+        let bytes = self
+            .store
+            .get_range(&name, from..from + (stop - start) * BLOCK_SIZE_U64)
+            .map_err(|source| self.block_store_error(start, &name, source))?;
+        for block in start..stop {
+            let at = (block - start) as usize * BLOCK_SIZE;
+            let slot = out.get_mut(at..at + BLOCK_SIZE).ok_or(Error::Crypto("read buffer arithmetic"))?;
+            let Some(sealed) = bytes.get(at..at + BLOCK_SIZE) else {
+                out.fill(0);
+                return Err(Error::Integrity {
+                    block,
+                    reason: format!("its chunk object {name} ends before it: the image was truncated"),
+                });
+            };
+            slot.copy_from_slice(sealed);
+            let entry = table.entry((block - chunk * per_chunk) as usize).ok_or(Error::Crypto("table arithmetic"))?;
+            if !self.keys.open_block(&self.geometry.image_id, block, entry, slot) {
+                out.fill(0);
+                return Err(Error::Integrity {
+                    block,
+                    reason: "its ciphertext does not match its tag: it was modified, moved from another block, or \
+                             replayed from an older version"
+                        .into(),
+                });
+            }
+        }
+        let mut state = self.lock();
+        if state.manifest.chunks.get(chunk as usize) == Some(&chunk_ref) {
+            for block in start..stop {
+                if !state.dirty.contains_key(&block) && !state.committing.contains_key(&block) {
+                    let at = (block - start) as usize * BLOCK_SIZE;
+                    if let Some(data) = out.get(at..at + BLOCK_SIZE) {
+                        state.blocks.put(block, data.into());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn chunk_ref(&self, chunk: u64) -> Result<ChunkRef, Error> {
+        self.lock().manifest.chunks.get(chunk as usize).copied().ok_or(Error::Crypto("chunk index arithmetic"))
+    }
+
+    /// The chunk's metadata table, checked against the manifest.
+    fn table(&self, chunk: u64, chunk_ref: ChunkRef, block: u64) -> Result<Arc<MetaTable>, Error> {
+        if let Some(table) = self.lock().tables.get(&(chunk, chunk_ref.generation)) {
+            return Ok(table.clone());
+        }
+        let name = format::chunk_object(chunk, chunk_ref.generation);
+        let len = format::meta_table_len(self.geometry.blocks_per_chunk);
+        let bytes = self
+            .store
+            .get_range(&name, 0..len as u64)
+            .map_err(|source| self.block_store_error(block, &name, source))?;
+        let table = self.check_table(chunk, chunk_ref, &name, &bytes, block)?;
+        let table = Arc::new(table);
+        self.lock().tables.put((chunk, chunk_ref.generation), table.clone());
+        Ok(table)
+    }
+
+    fn check_table(
+        &self,
+        chunk: u64,
+        chunk_ref: ChunkRef,
+        name: &str,
+        bytes: &[u8],
+        block: u64,
+    ) -> Result<MetaTable, Error> {
+        let len = format::meta_table_len(self.geometry.blocks_per_chunk);
+        if bytes.len() < len {
+            return Err(Error::Integrity {
+                block,
+                reason: format!("its chunk object {name} is truncated inside its metadata table"),
+            });
+        }
+        let table = bytes.get(..len).ok_or(Error::Crypto("table arithmetic"))?;
+        let hash = format::meta_hash(&self.geometry.image_id, chunk, chunk_ref.generation, table);
+        if !bool::from(subtle::ConstantTimeEq::ct_eq(&hash[..], &chunk_ref.meta_hash[..])) {
+            return Err(Error::Integrity {
+                block,
+                reason: format!(
+                    "the metadata table of its chunk object {name} does not match the manifest: the object was \
+                     modified, replaced by an older version, or swapped with another chunk's"
+                ),
+            });
+        }
+        MetaTable::parse(table, self.geometry.blocks_per_chunk)
+            .ok_or_else(|| Error::Integrity { block, reason: format!("{name}: unreadable metadata table") })
+    }
+
+    fn block_store_error(&self, block: u64, name: &str, source: StoreError) -> Error {
+        match source {
+            StoreError::NotFound => Error::Integrity {
+                block,
+                reason: format!("its chunk object {name}, which the manifest names, is missing"),
+            },
+            source => store_error(&*self.store, name, source),
+        }
+    }
+
+    /// Writes `data` at `offset`. The write is in memory until the next
+    /// commit; [`Image::commit`] makes it durable.
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), Error> {
+        if self.options.read_only {
+            return Err(Error::ReadOnly);
+        }
+        let end = offset.saturating_add(data.len() as u64);
+        if end > self.size() {
+            return Err(Error::OutOfRange { start: offset, end, size: self.size() });
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        if let Some(failed) = self.lock().failed.clone() {
+            return Err(Error::Failed(failed));
+        }
+        let first = offset / BLOCK_SIZE_U64;
+        let last = (end - 1) / BLOCK_SIZE_U64;
+        // Partial blocks at either end are read, patched and written whole.
+        let head_partial = offset % BLOCK_SIZE_U64 != 0;
+        let tail_partial = end % BLOCK_SIZE_U64 != 0;
+        let head = if head_partial { Some(self.read_blocks(first, first + 1)?) } else { None };
+        let tail = if tail_partial && (last != first || head.is_none()) {
+            Some(self.read_blocks(last, last + 1)?)
+        } else {
+            None
+        };
+        let mut consumed = 0usize;
+        let mut updates: Vec<(u64, Box<[u8]>)> = Vec::with_capacity((last - first + 1) as usize);
+        for block in first..=last {
+            let block_start = block * BLOCK_SIZE_U64;
+            let within = offset.max(block_start) - block_start;
+            let take = ((BLOCK_SIZE_U64 - within).min(end - block_start - within)) as usize;
+            let mut buf: Box<[u8]> = if take == BLOCK_SIZE {
+                vec![0u8; BLOCK_SIZE].into_boxed_slice()
+            } else if block == first && head.is_some() {
+                head.clone().unwrap_or_default().into_boxed_slice()
+            } else {
+                tail.clone().unwrap_or_default().into_boxed_slice()
+            };
+            let source = data.get(consumed..consumed + take).ok_or(Error::Crypto("write arithmetic"))?;
+            let within = within as usize;
+            buf.get_mut(within..within + take).ok_or(Error::Crypto("write arithmetic"))?.copy_from_slice(source);
+            consumed += take;
+            updates.push((block, buf));
+        }
+        let over_limit = {
+            let mut state = self.lock();
+            for (block, buf) in updates {
+                state.blocks.pop(&block);
+                state.dirty.insert(block, buf);
+            }
+            state.dirty.len() * BLOCK_SIZE > self.options.dirty_limit
+        };
+        if over_limit {
+            self.commit()?;
+        }
+        Ok(())
+    }
+
+    /// Whether writes are waiting for a commit.
+    pub fn is_dirty(&self) -> bool {
+        !self.lock().dirty.is_empty()
+    }
+
+    /// Makes every write so far durable: writes the changed chunks as new
+    /// objects, then the manifest that names them, then removes the objects
+    /// they replace.
+    pub fn commit(&self) -> Result<(), Error> {
+        let _commit = self.commit.lock().unwrap_or_else(|p| p.into_inner());
+        let (snapshot, base, generation) = {
+            let mut state = self.lock();
+            if let Some(failed) = state.failed.clone() {
+                return Err(Error::Failed(failed));
+            }
+            if state.dirty.is_empty() {
+                return Ok(());
+            }
+            let snapshot = Arc::new(std::mem::take(&mut state.dirty));
+            state.committing = snapshot.clone();
+            let generation = state.next_generation;
+            state.next_generation += 1;
+            (snapshot, state.manifest.clone(), generation)
+        };
+        match self.write_commit(&snapshot, &base, generation) {
+            Ok(replaced) => {
+                {
+                    let _objects = self.objects.write().unwrap_or_else(|p| p.into_inner());
+                    let mut state = self.lock();
+                    state.manifest = replaced.manifest;
+                    for (block, data) in snapshot.iter() {
+                        if !state.dirty.contains_key(block) {
+                            state.blocks.put(*block, data.clone());
+                        }
+                    }
+                    state.committing = Arc::new(BTreeMap::new());
+                    for name in &replaced.superseded {
+                        // Best effort: what is left is swept at the next
+                        // read-write open.
+                        if let Err(e) = self.store.delete(name) {
+                            tracing::warn!(object = %name, error = %e, "could not remove a superseded chunk object");
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // The writes stay in memory and readable, but a commit that
+                // failed may fail again and lose them at unmount: say so
+                // to every later writer rather than pretend.
+                let mut state = self.lock();
+                let newer = std::mem::take(&mut state.dirty);
+                let mut restored: Blocks = (*snapshot).clone();
+                restored.extend(newer);
+                state.dirty = restored;
+                state.committing = Arc::new(BTreeMap::new());
+                state.failed = Some(e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    fn write_commit(&self, dirty: &Blocks, base: &Manifest, generation: u64) -> Result<Committed, Error> {
+        let per_chunk = u64::from(self.geometry.blocks_per_chunk);
+        let chunks: BTreeSet<u64> = dirty.keys().map(|block| block / per_chunk).collect();
+        let mut manifest = base.clone();
+        manifest.generation = generation;
+        let mut superseded = Vec::new();
+        let mut sealed_blocks = 0u64;
+        for chunk in chunks {
+            let old = *base.chunks.get(chunk as usize).ok_or(Error::Crypto("chunk index arithmetic"))?;
+            let (object, table_hash, sealed) = self.build_chunk(chunk, old, dirty, generation)?;
+            sealed_blocks += sealed;
+            if base.block_writes + sealed_blocks > MAX_BLOCK_WRITES {
+                return Err(Error::KeyExhausted);
+            }
+            let name = format::chunk_object(chunk, generation);
+            self.store.put_new(&name, &object).map_err(|source| store_error(&*self.store, &name, source))?;
+            if let Some(slot) = manifest.chunks.get_mut(chunk as usize) {
+                *slot = ChunkRef { generation, meta_hash: table_hash };
+            }
+            if old.generation != 0 {
+                superseded.push(format::chunk_object(chunk, old.generation));
+            }
+        }
+        manifest.block_writes = base.block_writes + sealed_blocks;
+        self.store.sync().map_err(|source| store_error(&*self.store, "chunks/", source))?;
+        self.store
+            .put(MANIFEST_OBJECT, &manifest.encode(&self.keys))
+            .map_err(|source| store_error(&*self.store, MANIFEST_OBJECT, source))?;
+        Ok(Committed { manifest, superseded })
+    }
+
+    /// The new object of one chunk: dirty blocks sealed afresh, the others'
+    /// ciphertexts carried over unchanged (they need no new nonce, and their
+    /// tags still check against the new table).
+    fn build_chunk(
+        &self,
+        chunk: u64,
+        old: ChunkRef,
+        dirty: &Blocks,
+        generation: u64,
+    ) -> Result<(Vec<u8>, [u8; 32], u64), Error> {
+        let per_chunk = u64::from(self.geometry.blocks_per_chunk);
+        let first = chunk * per_chunk;
+        let in_chunk = self.geometry.blocks_in_chunk(chunk);
+        let table_len = format::meta_table_len(self.geometry.blocks_per_chunk);
+        let previous = if old.generation == 0 {
+            None
+        } else {
+            let name = format::chunk_object(chunk, old.generation);
+            let bytes = self.store.get(&name).map_err(|source| self.block_store_error(first, &name, source))?;
+            let table = self.check_table(chunk, old, &name, &bytes, first)?;
+            Some((bytes, table))
+        };
+        let mut object = vec![0u8; table_len + in_chunk as usize * BLOCK_SIZE];
+        let mut entries = Vec::with_capacity(self.geometry.blocks_per_chunk as usize);
+        let mut sealed = 0u64;
+        for slot in 0..in_chunk {
+            let block = first + slot;
+            let at = table_len + slot as usize * BLOCK_SIZE;
+            let target = object.get_mut(at..at + BLOCK_SIZE).ok_or(Error::Crypto("chunk arithmetic"))?;
+            let carried = match (&previous, dirty.get(&block)) {
+                (_, Some(_)) | (None, None) => None,
+                (Some((bytes, table)), None) => Some((bytes, table)),
+            };
+            match carried {
+                Some((bytes, table)) => {
+                    let Some(ciphertext) = bytes.get(at..at + BLOCK_SIZE) else {
+                        return Err(Error::Integrity {
+                            block,
+                            reason: format!(
+                                "its chunk object {} ends before it: the image was truncated",
+                                format::chunk_object(chunk, old.generation)
+                            ),
+                        });
+                    };
+                    target.copy_from_slice(ciphertext);
+                    entries.push(*table.entry(slot as usize).ok_or(Error::Crypto("table arithmetic"))?);
+                }
+                None => {
+                    if let Some(data) = dirty.get(&block) {
+                        target.copy_from_slice(data);
+                    }
+                    entries.push(self.keys.seal_block(&self.geometry.image_id, block, target)?);
+                    sealed += 1;
+                }
+            }
+        }
+        entries.resize(self.geometry.blocks_per_chunk as usize, Entry { nonce: [0; 12], tag: [0; 16] });
+        let table = MetaTable::new(entries).encode(self.geometry.blocks_per_chunk);
+        let hash = format::meta_hash(&self.geometry.image_id, chunk, generation, &table);
+        object.get_mut(..table_len).ok_or(Error::Crypto("chunk arithmetic"))?.copy_from_slice(&table);
+        Ok((object, hash, sealed))
+    }
+
+    /// Removes chunk objects the manifest does not name: what a crashed or
+    /// failed commit left behind.
+    fn sweep(&self) -> Result<(), Error> {
+        let names = self.store.list("chunks/").map_err(|source| store_error(&*self.store, "chunks/", source))?;
+        let live: BTreeSet<String> = {
+            let state = self.lock();
+            state
+                .manifest
+                .chunks
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.generation != 0)
+                .map(|(i, c)| format::chunk_object(i as u64, c.generation))
+                .collect()
+        };
+        for name in names.iter().filter(|name| !live.contains(*name)) {
+            if let Err(e) = self.store.delete(name) {
+                tracing::warn!(object = %name, error = %e, "could not remove an unreferenced chunk object");
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads and checks every block of the image; returns the number of
+    /// blocks stored (the others were never written and read as zeros).
+    pub fn check(&self) -> Result<u64, Error> {
+        let per_chunk = u64::from(self.geometry.blocks_per_chunk);
+        let mut stored = 0;
+        for chunk in 0..self.geometry.chunk_count() {
+            let chunk_ref = self.chunk_ref(chunk)?;
+            if chunk_ref.generation == 0 {
+                continue;
+            }
+            let first = chunk * per_chunk;
+            let end = first + self.geometry.blocks_in_chunk(chunk);
+            let mut scratch = vec![0u8; (end - first) as usize * BLOCK_SIZE];
+            self.fetch_run(chunk, first, end, &mut scratch)?;
+            stored += end - first;
+        }
+        Ok(stored)
+    }
+
+    /// Commits in the background every `interval` while writes are waiting,
+    /// until the image is dropped or [`Image::stop_writeback`] is called.
+    pub fn start_writeback(self: &Arc<Self>, interval: Duration) -> std::thread::JoinHandle<()> {
+        let weak: Weak<Self> = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("encfs-writeback".into())
+            .spawn(move || {
+                loop {
+                    let Some(image) = weak.upgrade() else { return };
+                    if image.writeback.stop.load(Ordering::Acquire) {
+                        return;
+                    }
+                    let guard = image.writeback.lock.lock().unwrap_or_else(|p| p.into_inner());
+                    let _ = image.writeback.wake.wait_timeout(guard, interval);
+                    if image.is_dirty() {
+                        if let Err(e) = image.commit() {
+                            tracing::error!(error = %e, "background commit failed");
+                        }
+                    }
+                }
+            })
+            .unwrap_or_else(|e| {
+                tracing::error!(error = %e, "could not start the writeback thread; commits happen on fsync only");
+                std::thread::spawn(|| {})
+            })
+    }
+
+    /// Stops the background writer (the caller commits what is left).
+    pub fn stop_writeback(&self) {
+        self.writeback.stop.store(true, Ordering::Release);
+        self.writeback.wake.notify_all();
+    }
+}
+
+struct Committed {
+    manifest: Manifest,
+    superseded: Vec<String>,
+}
+
+fn store_error(store: &dyn Store, object: &str, source: StoreError) -> Error {
+    Error::Store { location: store.describe(), object: object.to_string(), source }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,234 @@
+//! An image mounted as a filesystem: the FUSE device, a loop device over its
+//! file, ext4 on the loop device. Used by `capsa encfs mount` on a host and by
+//! the agent in the guest; both need root (mount(2), /dev/loop-control).
+
+use std::fs::OpenOptions as FileOptions;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustix::mount::{MountFlags, UnmountFlags};
+
+use crate::fuse::MountedDevice;
+use crate::loopdev::LoopDevice;
+use crate::{Error, Image};
+
+/// Why a mount or unmount failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    /// A step of mounting failed.
+    #[error("{step}")]
+    Step {
+        /// What was being done.
+        step: String,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The image failed (its last commit, typically).
+    #[error(transparent)]
+    Image(#[from] Error),
+    /// A program run to format the image failed.
+    #[error("{program} failed: {detail}")]
+    Program {
+        /// The program.
+        program: String,
+        /// Its exit status and what it printed.
+        detail: String,
+    },
+}
+
+fn step(step: impl Into<String>) -> impl FnOnce(std::io::Error) -> MountError {
+    let step = step.into();
+    move |source| MountError::Step { step, source }
+}
+
+/// The FUSE device of an image, mounted in a private directory of `work`,
+/// with nothing on top: what `mkfs.ext4` formats.
+pub struct Device {
+    device: Option<MountedDevice>,
+    dir: PathBuf,
+}
+
+impl Device {
+    /// Serves `image` as `<work>/<random>/disk`.
+    pub fn serve(image: Arc<Image>, work: &Path) -> Result<Self, MountError> {
+        let mut suffix = [0u8; 6];
+        aws_lc_rs::rand::fill(&mut suffix).map_err(|_| Error::Crypto("the system random generator failed"))?;
+        let dir = work.join(format!("encfs-{}", hex::encode(suffix)));
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(step(format!("creating {}", dir.display())))?;
+        let device = MountedDevice::mount(image, &dir).map_err(|e| {
+            let _ = std::fs::remove_dir(&dir);
+            MountError::Step {
+                step: format!("mounting the FUSE device on {} (is /dev/fuse there?)", dir.display()),
+                source: e,
+            }
+        })?;
+        Ok(Self { device: Some(device), dir })
+    }
+
+    /// The decrypted image's file.
+    pub fn disk(&self) -> PathBuf {
+        self.dir.join(crate::fuse::DISK_FILE)
+    }
+
+    /// Commits, unmounts the device and removes its directory.
+    pub fn close(mut self) -> Result<(), MountError> {
+        self.finish()
+    }
+
+    fn finish(&mut self) -> Result<(), MountError> {
+        let Some(device) = self.device.take() else { return Ok(()) };
+        let result = device.unmount();
+        let _ = std::fs::remove_dir(&self.dir);
+        Ok(result?)
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        if let Err(e) = self.finish() {
+            tracing::error!(error = %e, "closing the encfs device");
+        }
+    }
+}
+
+/// An image mounted as ext4 on `target`.
+pub struct Mounted {
+    device: Option<Device>,
+    loop_device: LoopDevice,
+    target: PathBuf,
+    mounted: bool,
+}
+
+impl Mounted {
+    /// Mounts `image` on `target` (an existing directory), with its device
+    /// in a private directory under `work`.
+    pub fn mount(image: Arc<Image>, target: &Path, work: &Path) -> Result<Self, MountError> {
+        let read_only = image.read_only();
+        let device = Device::serve(image, work)?;
+        let disk = FileOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(device.disk())
+            .map_err(step(format!("opening {}", device.disk().display())))?;
+        let mut loop_device = LoopDevice::attach(&disk, read_only).map_err(step("attaching a loop device"))?;
+        drop(disk);
+        let mut flags = MountFlags::NODEV | MountFlags::NOSUID;
+        if read_only {
+            flags |= MountFlags::RDONLY;
+        }
+        // noinit_itable: blocks never written read as zeros, so the inode
+        // tables need no zeroing pass (which would write them all).
+        let data = if read_only { c"" } else { c"noinit_itable" };
+        let mounted = rustix::mount::mount(loop_device.path(), target, "ext4", flags, Some(data))
+            .map_err(|e| std::io::Error::from_raw_os_error(e.raw_os_error()))
+            .map_err(step(format!("mounting ext4 from {} on {}", loop_device.path().display(), target.display())));
+        // The mount (or its failure) settles who holds the device: from here
+        // it detaches when the filesystem is unmounted.
+        loop_device.let_go();
+        let mut this = Self { device: Some(device), loop_device, target: target.to_path_buf(), mounted: false };
+        mounted?;
+        this.mounted = true;
+        Ok(this)
+    }
+
+    /// Where the filesystem is mounted.
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// The loop device under the filesystem.
+    pub fn loop_device(&self) -> &Path {
+        self.loop_device.path()
+    }
+
+    /// Whether the filesystem is still mounted (someone may have unmounted
+    /// it by hand).
+    pub fn still_mounted(&self) -> bool {
+        self.loop_device.attached()
+    }
+
+    /// Unmounts the filesystem, then commits and unmounts the device.
+    pub fn unmount(mut self) -> Result<(), MountError> {
+        self.finish()
+    }
+
+    fn finish(&mut self) -> Result<(), MountError> {
+        if self.mounted {
+            self.mounted = false;
+            if let Err(e) = rustix::mount::unmount(&self.target, UnmountFlags::empty()) {
+                if e != rustix::io::Errno::INVAL {
+                    // Busy: detach it now, finish when the last user leaves;
+                    // the loop device keeps the image open until then.
+                    tracing::warn!(target = %self.target.display(), error = %e, "unmount busy; detaching lazily");
+                    let _ = rustix::mount::unmount(&self.target, UnmountFlags::DETACH);
+                }
+            }
+        }
+        if !self.loop_device.wait_detached(Duration::from_secs(30)) {
+            tracing::warn!(device = %self.loop_device.path().display(), "the loop device is still attached");
+        }
+        match self.device.take() {
+            Some(device) => device.close(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if let Err(e) = self.finish() {
+            tracing::error!(error = %e, "unmounting the encfs image");
+        }
+    }
+}
+
+/// Formats the image's device as ext4 holding a copy of `source`'s tree
+/// (`mkfs.ext4 -d`), owned as in `source`.
+pub fn format_ext4(device: &Device, source: &Path, label: &str) -> Result<(), MountError> {
+    let output = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-b", "4096", "-m", "0", "-L", label])
+        // Blocks never written read as zeros: nothing needs zeroing now, and
+        // nothing needs discarding.
+        .args(["-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"])
+        .arg("-d")
+        .arg(source)
+        .arg(device.disk())
+        .output()
+        .map_err(step("running mkfs.ext4 (install e2fsprogs)"))?;
+    if !output.status.success() {
+        return Err(MountError::Program {
+            program: "mkfs.ext4".into(),
+            detail: format!("{}: {}", output.status, String::from_utf8_lossy(&output.stderr).trim()),
+        });
+    }
+    Ok(())
+}
+
+/// An image size that holds `source`'s tree with room to spare: the files'
+/// sizes in whole blocks, a block per entry for inodes and directories, an
+/// eighth more, and 32 MiB for the journal and metadata. Blocks never
+/// written cost nothing, so erring large is cheap.
+pub fn size_for(source: &Path) -> std::io::Result<u64> {
+    let mut total = 0u64;
+    let mut pending = vec![source.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let meta = entry.metadata()?;
+            total += 4096 + meta.len().div_ceil(4096) * 4096;
+            if meta.is_dir() {
+                pending.push(entry.path());
+            }
+        }
+    }
+    let size = total + total / 8 + (32 << 20);
+    Ok(size.div_ceil(1 << 20) * (1 << 20))
+}

@@ -1,0 +1,250 @@
+//! Where an image's objects live: a local directory, or (in `remote`) any
+//! object store. The image needs only whole-object writes and ranged reads,
+//! which every object store offers, so one format serves local disks, Azure
+//! Blob, S3 and HTTP alike.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{ErrorKind, Write};
+use std::ops::Range;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// Why a store could not do what it was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No such object.
+    #[error("no such object")]
+    NotFound,
+    /// The store refused or failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// An object store's own error, as text (it may name the URL).
+    #[error("{0}")]
+    Remote(String),
+}
+
+/// The objects of one image. Names are relative (`manifest`,
+/// `chunks/00000003-0000000000000007`).
+pub trait Store: Send + Sync + 'static {
+    /// A whole object.
+    fn get(&self, name: &str) -> Result<Vec<u8>, StoreError>;
+    /// The bytes of `range`; fewer if the object ends inside it (so that the
+    /// caller can say which block a truncation cut off).
+    fn get_range(&self, name: &str, range: Range<u64>) -> Result<Vec<u8>, StoreError>;
+    /// Replaces an object atomically and durably: readers see the old bytes
+    /// or the new, and once this returns the new ones survive a crash.
+    fn put(&self, name: &str, bytes: &[u8]) -> Result<(), StoreError>;
+    /// Writes an object that nothing refers to yet, durably. A crash may
+    /// leave it torn; it is unreachable until the manifest names it.
+    fn put_new(&self, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        self.put(name, bytes)
+    }
+    /// Makes every `put_new` so far durable, names included: called once per
+    /// commit, before the manifest that names the new objects.
+    fn sync(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Removes an object; one that does not exist is not an error.
+    fn delete(&self, name: &str) -> Result<(), StoreError>;
+    /// Names of the objects under a prefix.
+    fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
+    /// Where the image is, for messages.
+    fn describe(&self) -> String;
+}
+
+/// An image in a local directory: one file per object.
+pub struct LocalStore {
+    root: PathBuf,
+    /// Open chunk files: a 4 KiB random read should cost one pread, not an
+    /// open and a close as well.
+    open: Mutex<HashMap<String, Arc<File>>>,
+}
+
+const MAX_OPEN_FILES: usize = 512;
+
+impl LocalStore {
+    /// The store in `root`, which is created if missing.
+    pub fn create(root: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(root.join("chunks"))?;
+        Ok(Self::open(root))
+    }
+
+    /// The store in an existing directory.
+    pub fn open(root: &Path) -> Self {
+        Self { root: root.to_path_buf(), open: Mutex::new(HashMap::new()) }
+    }
+
+    fn path(&self, name: &str) -> Result<PathBuf, StoreError> {
+        let valid = !name.is_empty()
+            && name.split('/').all(|part| {
+                !part.is_empty()
+                    && part != "."
+                    && part != ".."
+                    && part.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+            });
+        if !valid {
+            return Err(StoreError::Io(std::io::Error::new(
+                ErrorKind::InvalidInput,
+                format!("bad object name {name:?}"),
+            )));
+        }
+        Ok(self.root.join(name))
+    }
+
+    fn file(&self, name: &str) -> Result<Arc<File>, StoreError> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(file) = open.get(name) {
+            return Ok(file.clone());
+        }
+        let file = match File::open(self.path(name)?) {
+            Ok(file) => Arc::new(file),
+            Err(e) if e.kind() == ErrorKind::NotFound => return Err(StoreError::NotFound),
+            Err(e) => return Err(e.into()),
+        };
+        if open.len() >= MAX_OPEN_FILES {
+            open.clear();
+        }
+        open.insert(name.to_string(), file.clone());
+        Ok(file)
+    }
+
+    fn forget(&self, name: &str) {
+        self.open.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
+    }
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl Store for LocalStore {
+    fn get(&self, name: &str) -> Result<Vec<u8>, StoreError> {
+        match std::fs::read(self.path(name)?) {
+            Ok(bytes) => Ok(bytes),
+            Err(e) if e.kind() == ErrorKind::NotFound => Err(StoreError::NotFound),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn get_range(&self, name: &str, range: Range<u64>) -> Result<Vec<u8>, StoreError> {
+        let file = self.file(name)?;
+        let len = usize::try_from(range.end.saturating_sub(range.start))
+            .map_err(|_| StoreError::Io(std::io::Error::new(ErrorKind::InvalidInput, "range too large")))?;
+        let mut buf = vec![0u8; len];
+        let mut filled = 0;
+        while filled < len {
+            let Some(rest) = buf.get_mut(filled..) else { break };
+            match file.read_at(rest, range.start + filled as u64) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        buf.truncate(filled);
+        Ok(buf)
+    }
+
+    fn put(&self, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        let path = self.path(name)?;
+        let dir = path.parent().unwrap_or(&self.root).to_path_buf();
+        let mut nonce = [0u8; 8];
+        aws_lc_rs::rand::fill(&mut nonce)
+            .map_err(|_| StoreError::Remote("the system random generator failed".into()))?;
+        let tmp = dir.join(format!(
+            ".{}.tmp-{}",
+            path.file_name().and_then(|n| n.to_str()).unwrap_or("object"),
+            hex::encode(nonce)
+        ));
+        let written = (|| {
+            let mut file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+            file.write_all(bytes)?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            sync_dir(&dir)
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        self.forget(name);
+        Ok(written?)
+    }
+
+    fn put_new(&self, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        let path = self.path(name)?;
+        let mut file = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path)?;
+        file.write_all(bytes)?;
+        file.sync_data()?;
+        self.forget(name);
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        Ok(sync_dir(&self.root.join("chunks"))?)
+    }
+
+    fn delete(&self, name: &str) -> Result<(), StoreError> {
+        self.forget(name);
+        match std::fs::remove_file(self.path(name)?) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let dir = match prefix.rsplit_once('/') {
+            Some((dir, _)) => self.root.join(dir),
+            None => self.root.clone(),
+        };
+        let base = prefix.rsplit_once('/').map(|(dir, _)| format!("{dir}/")).unwrap_or_default();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry?;
+            if let Some(file) = entry.file_name().to_str() {
+                let name = format!("{base}{file}");
+                if name.starts_with(prefix) && entry.file_type()?.is_file() {
+                    names.push(name);
+                }
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    fn describe(&self) -> String {
+        self.root.display().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn objects_round_trip_and_ranges_stop_at_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::create(dir.path()).unwrap();
+        store.put("manifest", b"hello").unwrap();
+        store.put("manifest", b"hello world").unwrap();
+        assert_eq!(store.get("manifest").unwrap(), b"hello world");
+        store.put_new("chunks/0-1", &[1, 2, 3, 4]).unwrap();
+        assert_eq!(store.get_range("chunks/0-1", 1..3).unwrap(), vec![2, 3]);
+        assert_eq!(store.get_range("chunks/0-1", 2..10).unwrap(), vec![3, 4]);
+        assert_eq!(store.list("chunks/").unwrap(), vec!["chunks/0-1".to_string()]);
+        assert!(matches!(store.get("chunks/9-9"), Err(StoreError::NotFound)));
+        store.delete("chunks/0-1").unwrap();
+        store.delete("chunks/0-1").unwrap();
+        assert!(matches!(store.get_range("chunks/0-1", 0..1), Err(StoreError::NotFound)));
+        assert!(store.get("../escape").is_err());
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 2, "no temporary files are left: {names:?}");
+    }
+}
