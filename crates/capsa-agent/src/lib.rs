@@ -18,6 +18,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
 
 pub mod container;
+pub mod encfs;
 pub mod evidence;
 pub mod forward;
 pub mod init;

@@ -37,6 +37,7 @@ use crate::protocol::{
     self, Call, ContainerStatus, Failure, FailureKind, Frame, FrameError, Message, Metrics, ProcessRef, Reply, Stream,
 };
 use crate::reaper::{Exit, Reaper};
+use crate::service::WorkloadService;
 
 /// How much unread output a process may have before the oldest is dropped.
 const UNREAD_LIMIT: usize = 4 << 20;
@@ -97,6 +98,8 @@ pub struct Agent {
     reaper: Reaper,
     paths: Paths,
     shutting_down: AtomicBool,
+    /// Encrypted filesystems mounted for the sandbox.
+    volumes: Mutex<Vec<crate::encfs::MountedVolume>>,
 }
 
 /// Buffered output of one stream of one process.
@@ -151,6 +154,7 @@ impl Agent {
             reaper,
             paths,
             shutting_down: AtomicBool::new(false),
+            volumes: Mutex::new(Vec::new()),
         })
     }
 
@@ -291,8 +295,12 @@ impl Agent {
         drop(policy);
         eprintln!("capsa-agent: policy {policy_sha256} in force (HOST_DATA matches the initdata)");
         if self.paths.workload_api {
-            self.start_workload_api(settings)
+            let service = self
+                .start_workload_api(&settings)
                 .map_err(|e| fail(FailureKind::Internal, format!("cannot start the workload API: {e}")))?;
+            let volumes = crate::encfs::mount_all(&service, &settings)
+                .map_err(|e| fail(if e.refused { FailureKind::Denied } else { FailureKind::Internal }, e.message))?;
+            lock(&self.volumes).extend(volumes);
         }
         Ok((
             Reply::SandboxCreated {
@@ -306,11 +314,18 @@ impl Agent {
 
     /// The workload API on the guest's loopback, and the forwarded ports
     /// to the trust services the initdata names.
-    fn start_workload_api(self: &Arc<Self>, settings: SandboxSettings) -> Result<(), String> {
+    fn start_workload_api(self: &Arc<Self>, settings: &SandboxSettings) -> Result<Arc<WorkloadService>, String> {
         crate::net::loopback_up().map_err(|e| format!("cannot bring lo up: {e}"))?;
         let mut endpoints = Vec::new();
         for trust in &settings.trust {
             endpoints.push(trust.address()?.endpoint());
+        }
+        // The encrypted filesystems' object stores, reached the same way.
+        for volume in &settings.encfs {
+            let endpoint = volume.address()?.endpoint();
+            if !endpoints.contains(&endpoint) {
+                endpoints.push(endpoint);
+            }
         }
         let forwarder = if endpoints.is_empty() {
             Forwarder::default()
@@ -323,10 +338,11 @@ impl Agent {
         let listener = crate::workload::bind_loopback(settings.workload_api_port)
             .map_err(|e| format!("127.0.0.1:{}: {e}", settings.workload_api_port))?;
         let port = settings.workload_api_port;
-        let service = crate::service::WorkloadService::new(Arc::clone(self), settings, forwarder);
-        crate::workload::serve(listener, Arc::new(service)).map_err(|e| e.to_string())?;
+        let service = Arc::new(WorkloadService::new(Arc::clone(self), settings.clone(), forwarder));
+        let backend: Arc<dyn crate::workload::WorkloadBackend> = service.clone();
+        crate::workload::serve(listener, backend).map_err(|e| e.to_string())?;
         eprintln!("capsa-agent: workload API on 127.0.0.1:{port}");
-        Ok(())
+        Ok(service)
     }
 
     /// The policy's decision on `request`; `Err` holds its explanation.
@@ -549,6 +565,12 @@ impl Agent {
             if let Some(bundle) = lock(&container.bundle).take() {
                 let _ = bundle.remove();
             }
+        }
+        // Then the encrypted filesystems, which commit what is still dirty:
+        // no container holds them any more.
+        let volumes: Vec<_> = lock(&self.volumes).drain(..).collect();
+        for volume in volumes {
+            volume.unmount();
         }
     }
 

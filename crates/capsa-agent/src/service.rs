@@ -172,22 +172,7 @@ impl WorkloadBackend for WorkloadService {
     }
 
     fn release_key(&self, maa_endpoint: &str, akv_endpoint: &str, kid: &str) -> Result<Jwk, ApiError> {
-        let (name, version) = key_name(kid)?;
-        let broker = self.client(akv_endpoint, Step::ReleasePolicy)?;
-        let wrapping = RuntimeKey::generate().map_err(|e| ApiError::failed(Step::Internal, e.to_string()))?;
-        let runtime = wrapping.runtime_data().map_err(|e| ApiError::failed(Step::Internal, e.to_string()))?;
-        let token = self.token(maa_endpoint, runtime.to_string().as_bytes(), RuntimeDataType::Json)?;
-        let (response, keys) = block_on(
-            async {
-                let response = broker.release(&name, version.as_deref(), &token).await?;
-                let keys = broker.jwks(false).await?;
-                Ok::<_, ClientError>((response, keys))
-            },
-            Step::ReleasePolicy,
-        )?
-        .map_err(|e| refusal(Step::ReleasePolicy, &e))?;
-        let released = client::open_release(&response, &keys, wrapping.private())
-            .map_err(|e| ApiError::failed(Step::Unwrap, e.to_string()))?;
+        let released = self.release(maa_endpoint, akv_endpoint, kid)?;
         match released.kty.as_str() {
             "oct" | "oct-HSM" | "secret" => Ok(Jwk::oct(Some(&released.kid), &released.material)),
             kty => {
@@ -205,6 +190,37 @@ impl WorkloadBackend for WorkloadService {
                 Jwk::from_json(json)
             }
         }
+    }
+}
+
+impl WorkloadService {
+    /// Azure's secure key release of `kid`, as the workload API does it:
+    /// attest at `maa_endpoint` with a fresh wrapping key as runtime data,
+    /// have the broker at `akv_endpoint` release the key to it, unwrap. The
+    /// agent uses it for the keys of encrypted filesystems too.
+    pub fn release(&self, maa_endpoint: &str, akv_endpoint: &str, kid: &str) -> Result<client::ReleasedKey, ApiError> {
+        let (name, version) = key_name(kid)?;
+        let broker = self.client(akv_endpoint, Step::ReleasePolicy)?;
+        let wrapping = RuntimeKey::generate().map_err(|e| ApiError::failed(Step::Internal, e.to_string()))?;
+        let runtime = wrapping.runtime_data().map_err(|e| ApiError::failed(Step::Internal, e.to_string()))?;
+        let token = self.token(maa_endpoint, runtime.to_string().as_bytes(), RuntimeDataType::Json)?;
+        let (response, keys) = block_on(
+            async {
+                let response = broker.release(&name, version.as_deref(), &token).await?;
+                let keys = broker.jwks(false).await?;
+                Ok::<_, ClientError>((response, keys))
+            },
+            Step::ReleasePolicy,
+        )?
+        .map_err(|e| refusal(Step::ReleasePolicy, &e))?;
+        client::open_release(&response, &keys, wrapping.private())
+            .map_err(|e| ApiError::failed(Step::Unwrap, e.to_string()))
+    }
+
+    /// The guest-side address that reaches `endpoint` (`host:port`), if
+    /// the launcher forwards it.
+    pub fn forwarded(&self, endpoint: &str) -> Option<std::net::SocketAddr> {
+        self.forwarder.local(endpoint)
     }
 }
 

@@ -402,6 +402,31 @@ impl Manifest {
     }
 }
 
+/// What an authenticated manifest says: the image's geometry, its commit
+/// generation, and how many blocks its chunks store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ManifestSummary {
+    /// The geometry.
+    pub geometry: Geometry,
+    /// The commit generation.
+    pub generation: u64,
+    /// Chunks that have an object (the others were never written).
+    pub stored_chunks: u64,
+}
+
+/// Authenticates manifest bytes (untrusted: they come from the store) with
+/// the image's key, without opening the image.
+pub fn authenticate_manifest(bytes: &[u8], key: &MasterKey) -> Result<ManifestSummary, Error> {
+    let header = ManifestHeader::peek(bytes)?;
+    let keys = ImageKeys::derive(key, &header.geometry.image_id)?;
+    let manifest = Manifest::decode(bytes, &keys)?;
+    Ok(ManifestSummary {
+        geometry: manifest.geometry,
+        generation: manifest.generation,
+        stored_chunks: manifest.chunks.iter().filter(|c| c.generation != 0).count() as u64,
+    })
+}
+
 struct Reader<'a> {
     bytes: &'a [u8],
     at: usize,

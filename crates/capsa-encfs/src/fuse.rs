@@ -3,7 +3,7 @@
 //!
 //! The file is opened in direct-I/O mode: the kernel keeps no second copy of
 //! its pages (ext4 above it already caches plaintext), and every read reaches
-//! [`Image::read_at`], so every byte the kernel sees passed its check. A block
+//! the volume's `read_at` ([`crate::Image::read_at`]), so every byte the kernel sees passed its check. A block
 //! that fails is an EIO to the reader and an error in the log naming it.
 
 use std::ffi::OsStr;
@@ -17,7 +17,7 @@ use fuser::{
     ReplyStatfs, ReplyWrite, Request, WriteFlags,
 };
 
-use crate::{Error, Image};
+use crate::{Error, Volume};
 
 /// The name of the image's file on the FUSE mount.
 pub const DISK_FILE: &str = "disk";
@@ -27,15 +27,15 @@ const DISK: INodeNo = INodeNo(2);
 /// Attributes never change but for the size, which never changes either.
 const TTL: Duration = Duration::from_secs(3600);
 
-/// The FUSE filesystem serving one image.
+/// The FUSE filesystem serving one volume.
 pub struct ImageDevice {
-    image: Arc<Image>,
+    image: Arc<dyn Volume>,
     created: SystemTime,
 }
 
 impl ImageDevice {
     /// Serves `image`.
-    pub fn new(image: Arc<Image>) -> Self {
+    pub fn new(image: Arc<dyn Volume>) -> Self {
         Self { image, created: SystemTime::now() }
     }
 
@@ -69,14 +69,15 @@ impl ImageDevice {
     }
 }
 
-/// Logs what failed (the log is where an integrity error's block number goes:
-/// the kernel passes on only EIO) and maps it to what the caller sees.
+/// Reports what failed on stderr (where an integrity error's block number
+/// goes: the kernel passes on only EIO, so the reader sees an I/O error and
+/// the operator the block) and maps it to what the caller sees.
 fn errno(error: &Error) -> Errno {
     match error {
         Error::ReadOnly => Errno::EROFS,
         Error::OutOfRange { .. } => Errno::ENOSPC,
         _ => {
-            tracing::error!(error = %error, "encfs");
+            eprintln!("capsa-encfs: {error}");
             Errno::EIO
         }
     }
@@ -88,6 +89,9 @@ impl Filesystem for ImageDevice {
         // ext4 streams.
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
+        // The loop device submits its requests asynchronously: let several
+        // be in flight at once, one per serving thread and more queued.
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_ASYNC_DIO);
         Ok(())
     }
 
@@ -235,7 +239,7 @@ impl Filesystem for ImageDevice {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let blocks = self.image.geometry().block_count;
+        let blocks = self.image.size() / crate::format::BLOCK_SIZE_U64;
         reply.statfs(blocks, 0, 0, 2, 0, crate::BLOCK_SIZE as u32, 255, crate::BLOCK_SIZE as u32);
     }
 }
@@ -248,14 +252,14 @@ fn libc_accmode() -> i32 {
 /// unmounts.
 pub struct MountedDevice {
     session: Option<fuser::BackgroundSession>,
-    image: Arc<Image>,
+    image: Arc<dyn Volume>,
     disk: std::path::PathBuf,
 }
 
 impl MountedDevice {
     /// Mounts the image's device on `dir` (an empty directory), served by
     /// two threads.
-    pub fn mount(image: Arc<Image>, dir: &Path) -> Result<Self, std::io::Error> {
+    pub fn mount(image: Arc<dyn Volume>, dir: &Path) -> Result<Self, std::io::Error> {
         let mut config = Config::default();
         config.mount_options = vec![
             MountOption::FSName("capsa-encfs".into()),
@@ -276,8 +280,8 @@ impl MountedDevice {
         &self.disk
     }
 
-    /// The image served.
-    pub fn image(&self) -> &Arc<Image> {
+    /// The volume served.
+    pub fn image(&self) -> &Arc<dyn Volume> {
         &self.image
     }
 

@@ -38,15 +38,22 @@ pub struct OpenOptions {
     pub cache_tables: usize,
     /// Dirty bytes at which a write waits for a commit.
     pub dirty_limit: usize,
+    /// Blocks fetched around a small read that misses the cache (aligned,
+    /// within its chunk), and cached: fetching 32 KiB costs a disk or an
+    /// object store about what 4 KiB does, and neighbours are often next.
+    pub read_around: u32,
 }
 
 impl Default for OpenOptions {
     fn default() -> Self {
-        Self { read_only: false, cache_blocks: 16 * 1024, cache_tables: 1024, dirty_limit: 256 << 20 }
+        Self { read_only: false, cache_blocks: 16 * 1024, cache_tables: 1024, dirty_limit: 256 << 20, read_around: 8 }
     }
 }
 
 type Blocks = BTreeMap<u64, Box<[u8]>>;
+
+/// Reads of up to this many blocks go through the plaintext cache.
+const CACHED_READ_BLOCKS: u64 = 16;
 
 struct State {
     /// The last committed manifest: what every read is checked against.
@@ -76,12 +83,15 @@ pub struct Image {
     /// holds it exclusively, so a read never loses its object mid-way.
     objects: RwLock<()>,
     writeback: Writeback,
+    /// Bytes read from the store, for `capsa encfs mount`'s report.
+    fetched: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Default)]
 struct Writeback {
     stop: AtomicBool,
     wake: Condvar,
+    /// A commit is wanted now, not at the next interval.
     lock: Mutex<bool>,
 }
 
@@ -162,6 +172,7 @@ impl Image {
             commit: Mutex::new(()),
             objects: RwLock::new(()),
             writeback: Writeback::default(),
+            fetched: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -178,6 +189,12 @@ impl Image {
     /// Whether writes are refused.
     pub fn read_only(&self) -> bool {
         self.options.read_only
+    }
+
+    /// Bytes of chunk objects read from the store so far (blocks and
+    /// metadata tables; not the manifest).
+    pub fn fetched_bytes(&self) -> u64 {
+        self.fetched.load(Ordering::Relaxed)
     }
 
     /// The last committed generation.
@@ -198,19 +215,35 @@ impl Image {
         }
         let len = (buf.len() as u64).min(size - offset) as usize;
         let first = offset / BLOCK_SIZE_U64;
-        let last = (offset + len as u64 - 1) / BLOCK_SIZE_U64;
-        let blocks = self.read_blocks(first, last + 1)?;
-        let skip = (offset - first * BLOCK_SIZE_U64) as usize;
-        let source = blocks.get(skip..skip + len).ok_or(Error::Crypto("read buffer arithmetic"))?;
+        let end = (offset + len as u64).div_ceil(BLOCK_SIZE_U64);
         let target = buf.get_mut(..len).ok_or(Error::Crypto("read buffer arithmetic"))?;
-        target.copy_from_slice(source);
+        if offset % BLOCK_SIZE_U64 == 0 && len % BLOCK_SIZE == 0 {
+            // The kernel's reads are whole blocks: decrypt straight into
+            // the caller's buffer.
+            self.read_blocks(first, end, target)?;
+        } else {
+            let mut blocks = vec![0u8; (end - first) as usize * BLOCK_SIZE];
+            self.read_blocks(first, end, &mut blocks)?;
+            let skip = (offset - first * BLOCK_SIZE_U64) as usize;
+            target.copy_from_slice(blocks.get(skip..skip + len).ok_or(Error::Crypto("read buffer arithmetic"))?);
+        }
         Ok(len)
     }
 
-    /// The plaintext of blocks `first..end`, concatenated.
-    fn read_blocks(&self, first: u64, end: u64) -> Result<Vec<u8>, Error> {
-        let count = (end - first) as usize;
-        let mut out = vec![0u8; count * BLOCK_SIZE];
+    /// Reads blocks `first..end` into `out`. On error `out` holds zeros.
+    fn read_blocks(&self, first: u64, end: u64, out: &mut [u8]) -> Result<(), Error> {
+        let result = self.read_blocks_unzeroed(first, end, out);
+        if result.is_err() {
+            out.fill(0);
+        }
+        result
+    }
+
+    fn read_blocks_unzeroed(&self, first: u64, end: u64, out: &mut [u8]) -> Result<(), Error> {
+        // Small reads are what gets read again (ext4's metadata, random
+        // reads); streams are cached by the page cache above, and would
+        // only push those out.
+        let cache = end - first <= CACHED_READ_BLOCKS;
         let mut missing: Vec<u64> = Vec::new();
         {
             let mut state = self.lock();
@@ -240,15 +273,42 @@ impl Image {
             let target = out
                 .get_mut(at..at + (stop - start) as usize * BLOCK_SIZE)
                 .ok_or(Error::Crypto("read buffer arithmetic"))?;
-            self.fetch_run(chunk, start, stop, target)?;
+            let around = u64::from(self.options.read_around.max(1));
+            if cache && stop - start < around {
+                self.fetch_around(chunk, start, stop, target, around)?;
+            } else {
+                self.fetch_run(chunk, start, stop, target, cache)?;
+            }
             i += (stop - start) as usize;
         }
-        Ok(out)
+        Ok(())
+    }
+
+    /// Reads the aligned window of `around` blocks holding `start..stop`
+    /// (clipped to the chunk and the image), caches it, and copies out what
+    /// was asked for.
+    fn fetch_around(&self, chunk: u64, start: u64, stop: u64, out: &mut [u8], around: u64) -> Result<(), Error> {
+        let per_chunk = u64::from(self.geometry.blocks_per_chunk);
+        let chunk_end = chunk * per_chunk + self.geometry.blocks_in_chunk(chunk);
+        let window_start = (start / around * around).max(chunk * per_chunk);
+        let window_stop = (stop.div_ceil(around) * around).min(chunk_end);
+        let mut window = vec![0u8; (window_stop - window_start) as usize * BLOCK_SIZE];
+        match self.fetch_run(chunk, window_start, window_stop, &mut window, true) {
+            Ok(()) => {
+                let at = (start - window_start) as usize * BLOCK_SIZE;
+                out.copy_from_slice(window.get(at..at + out.len()).ok_or(Error::Crypto("read buffer arithmetic"))?);
+                Ok(())
+            }
+            // A bad neighbour must not fail a read of good blocks: read just
+            // what was asked, which names the bad block if it is among them.
+            Err(Error::Integrity { .. }) => self.fetch_run(chunk, start, stop, out, true),
+            Err(e) => Err(e),
+        }
     }
 
     /// Reads blocks `start..stop` of one chunk from the store into `out`,
-    /// checking each, and caches them.
-    fn fetch_run(&self, chunk: u64, start: u64, stop: u64, out: &mut [u8]) -> Result<(), Error> {
+    /// checking each, and caches them if asked.
+    fn fetch_run(&self, chunk: u64, start: u64, stop: u64, out: &mut [u8], cache: bool) -> Result<(), Error> {
         let _objects = self.objects.read().unwrap_or_else(|p| p.into_inner());
         let chunk_ref = self.chunk_ref(chunk)?;
         if chunk_ref.generation == 0 {
@@ -260,24 +320,23 @@ impl Image {
         let name = format::chunk_object(chunk, chunk_ref.generation);
         let data_start = format::meta_table_len(self.geometry.blocks_per_chunk) as u64;
         let from = data_start + (start - chunk * per_chunk) * BLOCK_SIZE_U64;
-        let bytes = self
+        let read = self
             .store
-            .get_range(&name, from..from + (stop - start) * BLOCK_SIZE_U64)
+            .get_range_into(&name, from, out)
             .map_err(|source| self.block_store_error(start, &name, source))?;
+        self.fetched.fetch_add(read as u64, Ordering::Relaxed);
+        let complete = (read / BLOCK_SIZE) as u64;
         for block in start..stop {
-            let at = (block - start) as usize * BLOCK_SIZE;
-            let slot = out.get_mut(at..at + BLOCK_SIZE).ok_or(Error::Crypto("read buffer arithmetic"))?;
-            let Some(sealed) = bytes.get(at..at + BLOCK_SIZE) else {
-                out.fill(0);
+            if block - start >= complete {
                 return Err(Error::Integrity {
                     block,
                     reason: format!("its chunk object {name} ends before it: the image was truncated"),
                 });
-            };
-            slot.copy_from_slice(sealed);
+            }
+            let at = (block - start) as usize * BLOCK_SIZE;
+            let slot = out.get_mut(at..at + BLOCK_SIZE).ok_or(Error::Crypto("read buffer arithmetic"))?;
             let entry = table.entry((block - chunk * per_chunk) as usize).ok_or(Error::Crypto("table arithmetic"))?;
             if !self.keys.open_block(&self.geometry.image_id, block, entry, slot) {
-                out.fill(0);
                 return Err(Error::Integrity {
                     block,
                     reason: "its ciphertext does not match its tag: it was modified, moved from another block, or \
@@ -286,13 +345,15 @@ impl Image {
                 });
             }
         }
-        let mut state = self.lock();
-        if state.manifest.chunks.get(chunk as usize) == Some(&chunk_ref) {
-            for block in start..stop {
-                if !state.dirty.contains_key(&block) && !state.committing.contains_key(&block) {
-                    let at = (block - start) as usize * BLOCK_SIZE;
-                    if let Some(data) = out.get(at..at + BLOCK_SIZE) {
-                        state.blocks.put(block, data.into());
+        if cache {
+            let mut state = self.lock();
+            if state.manifest.chunks.get(chunk as usize) == Some(&chunk_ref) {
+                for block in start..stop {
+                    if !state.dirty.contains_key(&block) && !state.committing.contains_key(&block) {
+                        let at = (block - start) as usize * BLOCK_SIZE;
+                        if let Some(data) = out.get(at..at + BLOCK_SIZE) {
+                            state.blocks.put(block, data.into());
+                        }
                     }
                 }
             }
@@ -315,6 +376,7 @@ impl Image {
             .store
             .get_range(&name, 0..len as u64)
             .map_err(|source| self.block_store_error(block, &name, source))?;
+        self.fetched.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         let table = self.check_table(chunk, chunk_ref, &name, &bytes, block)?;
         let table = Arc::new(table);
         self.lock().tables.put((chunk, chunk_ref.generation), table.clone());
@@ -382,12 +444,13 @@ impl Image {
         // Partial blocks at either end are read, patched and written whole.
         let head_partial = offset % BLOCK_SIZE_U64 != 0;
         let tail_partial = end % BLOCK_SIZE_U64 != 0;
-        let head = if head_partial { Some(self.read_blocks(first, first + 1)?) } else { None };
-        let tail = if tail_partial && (last != first || head.is_none()) {
-            Some(self.read_blocks(last, last + 1)?)
-        } else {
-            None
+        let read_one = |block: u64| -> Result<Vec<u8>, Error> {
+            let mut buf = vec![0u8; BLOCK_SIZE];
+            self.read_blocks(block, block + 1, &mut buf)?;
+            Ok(buf)
         };
+        let head = if head_partial { Some(read_one(first)?) } else { None };
+        let tail = if tail_partial && (last != first || head.is_none()) { Some(read_one(last)?) } else { None };
         let mut consumed = 0usize;
         let mut updates: Vec<(u64, Box<[u8]>)> = Vec::with_capacity((last - first + 1) as usize);
         for block in first..=last {
@@ -407,16 +470,21 @@ impl Image {
             consumed += take;
             updates.push((block, buf));
         }
-        let over_limit = {
+        let dirty_bytes = {
             let mut state = self.lock();
             for (block, buf) in updates {
                 state.blocks.pop(&block);
                 state.dirty.insert(block, buf);
             }
-            state.dirty.len() * BLOCK_SIZE > self.options.dirty_limit
+            state.dirty.len() * BLOCK_SIZE
         };
-        if over_limit {
+        if dirty_bytes > self.options.dirty_limit {
             self.commit()?;
+        } else if dirty_bytes > self.options.dirty_limit / 8 {
+            // Past an eighth of the bound, the background writer starts: a
+            // stream's sealing and storing overlap with its writing.
+            *self.writeback.lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
+            self.writeback.wake.notify_one();
         }
         Ok(())
     }
@@ -485,26 +553,53 @@ impl Image {
 
     fn write_commit(&self, dirty: &Blocks, base: &Manifest, generation: u64) -> Result<Committed, Error> {
         let per_chunk = u64::from(self.geometry.blocks_per_chunk);
-        let chunks: BTreeSet<u64> = dirty.keys().map(|block| block / per_chunk).collect();
+        let chunks: Vec<u64> =
+            dirty.keys().map(|block| block / per_chunk).collect::<BTreeSet<_>>().into_iter().collect();
+        // Checked before sealing anything: at worst every block of every
+        // chunk touched is sealed afresh.
+        let most: u64 = chunks.iter().map(|chunk| self.geometry.blocks_in_chunk(*chunk)).sum();
+        if base.block_writes.saturating_add(most) > MAX_BLOCK_WRITES {
+            return Err(Error::KeyExhausted);
+        }
+        // Sealing and writing chunks is independent work: spread it over the
+        // cores, the store's latency overlapping with the other's sealing.
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4).min(chunks.len());
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let built: Mutex<Vec<(u64, [u8; 32], u64)>> = Mutex::new(Vec::with_capacity(chunks.len()));
+        let failure: Mutex<Option<Error>> = Mutex::new(None);
+        std::thread::scope(|scope| {
+            for _ in 0..workers {
+                scope.spawn(|| {
+                    loop {
+                        let Some(&chunk) = chunks.get(next.fetch_add(1, Ordering::Relaxed)) else { return };
+                        if failure.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+                            return;
+                        }
+                        match self.write_chunk(chunk, base, dirty, generation) {
+                            Ok(done) => built.lock().unwrap_or_else(|p| p.into_inner()).push(done),
+                            Err(e) => {
+                                failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(e);
+        }
         let mut manifest = base.clone();
         manifest.generation = generation;
         let mut superseded = Vec::new();
         let mut sealed_blocks = 0u64;
-        for chunk in chunks {
-            let old = *base.chunks.get(chunk as usize).ok_or(Error::Crypto("chunk index arithmetic"))?;
-            let (object, table_hash, sealed) = self.build_chunk(chunk, old, dirty, generation)?;
+        for (chunk, table_hash, sealed) in built.into_inner().unwrap_or_else(|p| p.into_inner()) {
             sealed_blocks += sealed;
-            if base.block_writes + sealed_blocks > MAX_BLOCK_WRITES {
-                return Err(Error::KeyExhausted);
+            let slot = manifest.chunks.get_mut(chunk as usize).ok_or(Error::Crypto("chunk index arithmetic"))?;
+            if slot.generation != 0 {
+                superseded.push(format::chunk_object(chunk, slot.generation));
             }
-            let name = format::chunk_object(chunk, generation);
-            self.store.put_new(&name, &object).map_err(|source| store_error(&*self.store, &name, source))?;
-            if let Some(slot) = manifest.chunks.get_mut(chunk as usize) {
-                *slot = ChunkRef { generation, meta_hash: table_hash };
-            }
-            if old.generation != 0 {
-                superseded.push(format::chunk_object(chunk, old.generation));
-            }
+            *slot = ChunkRef { generation, meta_hash: table_hash };
         }
         manifest.block_writes = base.block_writes + sealed_blocks;
         self.store.sync().map_err(|source| store_error(&*self.store, "chunks/", source))?;
@@ -512,6 +607,22 @@ impl Image {
             .put(MANIFEST_OBJECT, &manifest.encode(&self.keys))
             .map_err(|source| store_error(&*self.store, MANIFEST_OBJECT, source))?;
         Ok(Committed { manifest, superseded })
+    }
+
+    /// Builds and stores one chunk's new object; returns its table's hash
+    /// and how many blocks were sealed.
+    fn write_chunk(
+        &self,
+        chunk: u64,
+        base: &Manifest,
+        dirty: &Blocks,
+        generation: u64,
+    ) -> Result<(u64, [u8; 32], u64), Error> {
+        let old = *base.chunks.get(chunk as usize).ok_or(Error::Crypto("chunk index arithmetic"))?;
+        let (object, table_hash, sealed) = self.build_chunk(chunk, old, dirty, generation)?;
+        let name = format::chunk_object(chunk, generation);
+        self.store.put_new(&name, &object).map_err(|source| store_error(&*self.store, &name, source))?;
+        Ok((chunk, table_hash, sealed))
     }
 
     /// The new object of one chunk: dirty blocks sealed afresh, the others'
@@ -613,7 +724,7 @@ impl Image {
             let first = chunk * per_chunk;
             let end = first + self.geometry.blocks_in_chunk(chunk);
             let mut scratch = vec![0u8; (end - first) as usize * BLOCK_SIZE];
-            self.fetch_run(chunk, first, end, &mut scratch)?;
+            self.fetch_run(chunk, first, end, &mut scratch, false)?;
             stored += end - first;
         }
         Ok(stored)
@@ -631,8 +742,16 @@ impl Image {
                     if image.writeback.stop.load(Ordering::Acquire) {
                         return;
                     }
-                    let guard = image.writeback.lock.lock().unwrap_or_else(|p| p.into_inner());
-                    let _ = image.writeback.wake.wait_timeout(guard, interval);
+                    let mut pending = image.writeback.lock.lock().unwrap_or_else(|p| p.into_inner());
+                    if !*pending {
+                        pending = image
+                            .writeback
+                            .wake
+                            .wait_timeout(pending, interval)
+                            .map_or_else(|p| p.into_inner().0, |(g, _)| g);
+                    }
+                    *pending = false;
+                    drop(pending);
                     if image.is_dirty() {
                         if let Err(e) = image.commit() {
                             tracing::error!(error = %e, "background commit failed");

@@ -36,13 +36,48 @@ pub mod format;
 pub mod fuse;
 pub mod image;
 pub mod loopdev;
+pub mod luks;
 pub mod mount;
 pub mod remote;
 pub mod store;
 
 pub use format::{BLOCK_SIZE, Geometry, MasterKey};
 pub use image::{Image, OpenOptions};
+pub use luks::{LuksError, LuksHeader, LuksVolume};
 pub use store::{LocalStore, Store, StoreError};
+
+/// A virtual disk the FUSE device can serve: a capsa image, or another
+/// format read through the same device (a LUKS2 volume).
+pub trait Volume: Send + Sync + 'static {
+    /// Its size in bytes.
+    fn size(&self) -> u64;
+    /// Whether writes are refused.
+    fn read_only(&self) -> bool;
+    /// Reads at `offset`; fewer bytes only at the end.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize, Error>;
+    /// Writes at `offset`.
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), Error>;
+    /// Makes the writes so far durable.
+    fn commit(&self) -> Result<(), Error>;
+}
+
+impl Volume for Image {
+    fn size(&self) -> u64 {
+        Image::size(self)
+    }
+    fn read_only(&self) -> bool {
+        Image::read_only(self)
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize, Error> {
+        Image::read_at(self, offset, buf)
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), Error> {
+        Image::write_at(self, offset, data)
+    }
+    fn commit(&self) -> Result<(), Error> {
+        Image::commit(self)
+    }
+}
 
 /// Why an image could not be created, opened, read or written.
 #[derive(Debug, thiserror::Error)]

@@ -13,7 +13,7 @@ use rustix::mount::{MountFlags, UnmountFlags};
 
 use crate::fuse::MountedDevice;
 use crate::loopdev::LoopDevice;
-use crate::{Error, Image};
+use crate::{Error, Volume};
 
 /// Why a mount or unmount failed.
 #[derive(Debug, thiserror::Error)]
@@ -54,7 +54,7 @@ pub struct Device {
 
 impl Device {
     /// Serves `image` as `<work>/<random>/disk`.
-    pub fn serve(image: Arc<Image>, work: &Path) -> Result<Self, MountError> {
+    pub fn serve(image: Arc<dyn Volume>, work: &Path) -> Result<Self, MountError> {
         let mut suffix = [0u8; 6];
         aws_lc_rs::rand::fill(&mut suffix).map_err(|_| Error::Crypto("the system random generator failed"))?;
         let dir = work.join(format!("encfs-{}", hex::encode(suffix)));
@@ -110,7 +110,7 @@ pub struct Mounted {
 impl Mounted {
     /// Mounts `image` on `target` (an existing directory), with its device
     /// in a private directory under `work`.
-    pub fn mount(image: Arc<Image>, target: &Path, work: &Path) -> Result<Self, MountError> {
+    pub fn mount(image: Arc<dyn Volume>, target: &Path, work: &Path) -> Result<Self, MountError> {
         let read_only = image.read_only();
         let device = Device::serve(image, work)?;
         let disk = FileOptions::new()
@@ -120,6 +120,7 @@ impl Mounted {
             .map_err(step(format!("opening {}", device.disk().display())))?;
         let mut loop_device = LoopDevice::attach(&disk, read_only).map_err(step("attaching a loop device"))?;
         drop(disk);
+        loop_device.set_read_ahead(1024);
         let mut flags = MountFlags::NODEV | MountFlags::NOSUID;
         if read_only {
             flags |= MountFlags::RDONLY;
@@ -127,9 +128,19 @@ impl Mounted {
         // noinit_itable: blocks never written read as zeros, so the inode
         // tables need no zeroing pass (which would write them all).
         let data = if read_only { c"" } else { c"noinit_itable" };
-        let mounted = rustix::mount::mount(loop_device.path(), target, "ext4", flags, Some(data))
-            .map_err(|e| std::io::Error::from_raw_os_error(e.raw_os_error()))
-            .map_err(step(format!("mounting ext4 from {} on {}", loop_device.path().display(), target.display())));
+        let what = format!("mounting ext4 from {} on {}", loop_device.path().display(), target.display());
+        let mounted = rustix::mount::mount(loop_device.path(), target, "ext4", flags, Some(data)).map_err(|e| {
+            let hint = if read_only && e == rustix::io::Errno::ROFS {
+                ": its journal needs replaying (it was not unmounted cleanly, e.g. its sandbox was killed); mount it \
+                 read-write once"
+            } else {
+                ""
+            };
+            MountError::Step {
+                step: format!("{what}{hint}"),
+                source: std::io::Error::from_raw_os_error(e.raw_os_error()),
+            }
+        });
         // The mount (or its failure) settles who holds the device: from here
         // it detaches when the filesystem is unmounted.
         loop_device.let_go();

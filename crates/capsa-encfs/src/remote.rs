@@ -134,9 +134,11 @@ impl Config {
             Target::Azure(azure) => Arc::new(self.azure(azure).map_err(|e| build_error(&describe, &e, &secrets))?),
             Target::S3 { bucket, .. } => Arc::new(self.s3(bucket).map_err(|e| build_error(&describe, &e, &secrets))?),
             Target::Http { base, .. } => {
+                let http = base.scheme() == "http";
                 let options = ClientOptions::new()
                     .with_config(ClientConfigKey::Timeout, REQUEST_TIMEOUT)
-                    .with_allow_http(base.scheme() == "http");
+                    .with_allow_http(http)
+                    .with_no_system_certificates(http);
                 let store = HttpBuilder::new()
                     .with_url(base.as_str())
                     .with_client_options(options)
@@ -216,6 +218,11 @@ impl Config {
             builder = builder.with_endpoint(endpoint);
         }
         builder = builder.with_allow_http(http);
+        if http {
+            // No TLS, so no roots: and a guest has no system store to load
+            // them from, which would fail the client's construction.
+            builder = builder.with_config(AzureConfigKey::Client(ClientConfigKey::NoSystemCertificates), "true");
+        }
         let account = builder.get_config_value(&AzureConfigKey::AccountName);
         let credentials = [AzureConfigKey::AccessKey, AzureConfigKey::SasKey, AzureConfigKey::Token]
             .iter()
@@ -240,6 +247,9 @@ impl Config {
         }
         // The endpoint was checked (https, or http to loopback) when parsing.
         let http = builder.get_config_value(&AmazonS3ConfigKey::Endpoint).is_some_and(|e| e.starts_with("http:"));
+        if http {
+            builder = builder.with_config(AmazonS3ConfigKey::Client(ClientConfigKey::NoSystemCertificates), "true");
+        }
         builder.with_bucket_name(bucket).with_allow_http(http).build()
     }
 }

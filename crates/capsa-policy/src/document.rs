@@ -19,6 +19,11 @@
 //! [[trust]]                                # trust-service endpoints the sandbox may reach
 //! url = "https://trust.example:8443"       # http or https, a host, a port or the scheme's
 //! ca = "-----BEGIN CERTIFICATE-----\n..."  # optional PEM the guest trusts for this endpoint's TLS
+//! [[encfs]]                                # encrypted filesystems the agent mounts (capsa-encfs)
+//! name = "data"                            # mounted at /run/capsa/encfs/data
+//! url = "http://127.0.0.1:10000/devstoreaccount1/images/data"  # the image's prefix
+//! key = "data-key"                         # its key in the first trust service's key broker
+//! read_only = true                         # default false
 //! ```
 //!
 //! The settings are inside the digested bytes, so they are measured exactly
@@ -176,6 +181,45 @@ pub struct SandboxSettings {
     /// forwards only these. None by default.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub trust: Vec<TrustEndpoint>,
+    /// Encrypted filesystems the agent mounts once the policy is in force,
+    /// with keys released by the first trust service. None by default.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub encfs: Vec<EncfsVolume>,
+}
+
+/// Where the agent mounts encrypted filesystems: `<root>/<name>`, the
+/// source containers' mounts of the volume name.
+pub const ENCFS_MOUNT_ROOT: &str = "/run/capsa/encfs";
+
+/// An encrypted filesystem (a capsa-encfs image) the sandbox mounts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncfsVolume {
+    /// The volume's name, 1-63 of `a-z 0-9 -`: it is mounted at
+    /// `/run/capsa/encfs/<name>`.
+    pub name: String,
+    /// The image's location, an `http://` or `https://` URL of its prefix
+    /// in an object store (Azure Blob, S3, or any server of its objects).
+    /// No credentials, query or fragment: initdata is public.
+    pub url: String,
+    /// The name of the image's key in the key broker, 1-127 of
+    /// `A-Z a-z 0-9 -`.
+    pub key: String,
+    /// Mounted read-only (the image is never written).
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+impl EncfsVolume {
+    /// Where the agent mounts it in the guest.
+    pub fn mount_point(&self) -> String {
+        format!("{ENCFS_MOUNT_ROOT}/{}", self.name)
+    }
+
+    /// The scheme, host and port of its URL: what the launcher forwards.
+    pub fn address(&self) -> Result<TrustAddress, String> {
+        TrustEndpoint { url: self.url.clone(), ca: None }.address()
+    }
 }
 
 /// One trust-service endpoint the sandbox may reach.
@@ -221,7 +265,7 @@ fn default_workload_api_port() -> u16 {
 
 impl Default for SandboxSettings {
     fn default() -> Self {
-        Self { workload_api_port: DEFAULT_WORKLOAD_API_PORT, trust: Vec::new() }
+        Self { workload_api_port: DEFAULT_WORKLOAD_API_PORT, trust: Vec::new(), encfs: Vec::new() }
     }
 }
 
@@ -258,26 +302,62 @@ impl SandboxSettings {
             }
             if let Some(ca) = &endpoint.ca {
                 let field = format!("trust[{i}].ca");
-                if !address.tls {
-                    return Err(DocumentError::Settings {
-                        field,
-                        reason: format!(
-                            "{:?} is plain http, so a CA has no use; use https or drop the ca",
-                            endpoint.url
-                        ),
-                    });
-                }
-                if !ca.contains("-----BEGIN CERTIFICATE-----") || !ca.contains("-----END CERTIFICATE-----") {
-                    return Err(DocumentError::Settings {
-                        field,
-                        reason: "is not a PEM certificate (-----BEGIN CERTIFICATE----- ... -----END CERTIFICATE-----)"
-                            .into(),
-                    });
-                }
+                check_ca(&field, &address, ca, &endpoint.url)?;
             }
+        }
+        self.validate_encfs()
+    }
+
+    fn validate_encfs(&self) -> Result<(), DocumentError> {
+        let mut names = std::collections::BTreeSet::new();
+        for (i, volume) in self.encfs.iter().enumerate() {
+            let invalid =
+                |field: &str, reason: String| DocumentError::Settings { field: format!("encfs[{i}].{field}"), reason };
+            let name_ok = (1..=63).contains(&volume.name.len())
+                && volume.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !volume.name.starts_with('-');
+            if !name_ok {
+                return Err(invalid("name", format!("{:?} is not 1-63 of a-z, 0-9 and - (not first)", volume.name)));
+            }
+            if !names.insert(volume.name.as_str()) {
+                return Err(invalid("name", format!("{:?} is listed twice; name each volume once", volume.name)));
+            }
+            volume.address().map_err(|reason| invalid("url", format!("{:?} {reason}", volume.url)))?;
+            let key_ok = (1..=127).contains(&volume.key.len())
+                && volume.key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+            if !key_ok {
+                return Err(invalid(
+                    "key",
+                    format!("{:?} is not a key name (1-127 of A-Z, a-z, 0-9 and -)", volume.key),
+                ));
+            }
+        }
+        if !self.encfs.is_empty() && self.trust.is_empty() {
+            return Err(DocumentError::Settings {
+                field: "encfs".into(),
+                reason: "encrypted filesystems need a trust service to release their keys; add a [[trust]] endpoint"
+                    .into(),
+            });
         }
         Ok(())
     }
+}
+
+/// A trust endpoint's CA: only for https, and PEM.
+fn check_ca(field: &str, address: &TrustAddress, ca: &str, url: &str) -> Result<(), DocumentError> {
+    if !address.tls {
+        return Err(DocumentError::Settings {
+            field: field.to_owned(),
+            reason: format!("{url:?} is plain http, so a CA has no use; use https or drop the ca"),
+        });
+    }
+    if !ca.contains("-----BEGIN CERTIFICATE-----") || !ca.contains("-----END CERTIFICATE-----") {
+        return Err(DocumentError::Settings {
+            field: field.to_owned(),
+            reason: "is not a PEM certificate (-----BEGIN CERTIFICATE----- ... -----END CERTIFICATE-----)".into(),
+        });
+    }
+    Ok(())
 }
 
 impl TrustEndpoint {
@@ -461,11 +541,53 @@ mod tests {
     }
 
     #[test]
+    fn encfs_volumes_are_checked() {
+        let volume = |name: &str, url: &str, key: &str| EncfsVolume {
+            name: name.into(),
+            url: url.into(),
+            key: key.into(),
+            read_only: false,
+        };
+        let with = |encfs: Vec<EncfsVolume>| SandboxSettings {
+            trust: vec![endpoint("http://127.0.0.1:8443", None)],
+            encfs,
+            ..SandboxSettings::default()
+        };
+        let good = volume("data", "http://127.0.0.1:10000/acct/c/p", "data-key");
+        assert!(with(vec![good.clone()]).validate().is_ok());
+        assert_eq!(good.mount_point(), "/run/capsa/encfs/data");
+        assert_eq!(good.address().unwrap().endpoint(), "127.0.0.1:10000");
+        let cases = [
+            (vec![volume("Data", "http://h/p", "k")], "encfs[0].name"),
+            (vec![volume("../x", "http://h/p", "k")], "encfs[0].name"),
+            (vec![good.clone(), good.clone()], "encfs[1].name"),
+            (vec![volume("d", "az://c/p", "k")], "encfs[0].url"),
+            (vec![volume("d", "http://h/p?sig=secret", "k")], "encfs[0].url"),
+            (vec![volume("d", "http://user:pw@h/p", "k")], "encfs[0].url"),
+            (vec![volume("d", "http://h/p", "a/b")], "encfs[0].key"),
+        ];
+        for (encfs, field) in cases {
+            match with(encfs.clone()).validate() {
+                Err(DocumentError::Settings { field: f, .. }) => assert_eq!(f, field, "{encfs:?}"),
+                other => panic!("{encfs:?}: expected a complaint about {field}, got {other:?}"),
+            }
+        }
+        let no_trust = SandboxSettings { encfs: vec![good], ..SandboxSettings::default() };
+        assert!(matches!(no_trust.validate(), Err(DocumentError::Settings { field, .. }) if field == "encfs"));
+    }
+
+    #[test]
     fn settings_travel_in_initdata_and_change_its_digest() {
         let doc = PolicyDocument::render(&data()).unwrap();
         let settings = SandboxSettings {
             workload_api_port: 9000,
             trust: vec![endpoint("https://trust.example:8443", Some(CA)), endpoint("http://10.0.0.1", None)],
+            encfs: vec![EncfsVolume {
+                name: "data".into(),
+                url: "http://127.0.0.1:10000/devstoreaccount1/images/data".into(),
+                key: "data-key".into(),
+                read_only: true,
+            }],
         };
         let initdata = doc.initdata_with(&settings).unwrap();
         assert!(initdata.toml().contains("\"capsa.toml\""), "{}", initdata.toml());
@@ -474,7 +596,7 @@ mod tests {
         assert_eq!(read.settings().unwrap(), settings);
         assert_eq!(read.policy().unwrap(), doc);
         // Only the port differs from the defaults: still written, still measured.
-        let port_only = SandboxSettings { workload_api_port: 8081, trust: vec![] };
+        let port_only = SandboxSettings { workload_api_port: 8081, ..SandboxSettings::default() };
         let initdata = doc.initdata_with(&port_only).unwrap();
         assert_eq!(initdata.settings().unwrap(), port_only);
         assert_ne!(initdata.digest(), doc.initdata().unwrap().digest());

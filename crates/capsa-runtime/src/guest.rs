@@ -42,8 +42,9 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 tsc_early_khz=2000000 panic=-1 
 ///
 /// `virtio_mmio` and `virtio_console` give the microVM's devices and the
 /// host↔guest port; `vmw_vsock_virtio_transport` vsock where the host has
-/// it; `overlay`, `erofs`, `dm_verity` container layers; `dm_crypt` and
-/// `fuse` encrypted filesystems. Three more are named because the kernel
+/// it; `overlay`, `erofs`, `dm_verity` container layers; `fuse`, `loop` and
+/// `ext4` encrypted filesystems (capsa-encfs: the image on FUSE, a loop
+/// device over it, ext4 on that), `dm_crypt` LUKS volumes. Three more are named because the kernel
 /// would otherwise ask modprobe for them at run time, and the guest has
 /// none: `crc32c_generic`, which `libcrc32c` (needed by `erofs`) allocates
 /// when it loads (its modules.softdep), and `ecb` and `xts`, which
@@ -60,6 +61,8 @@ pub const GUEST_MODULES: &[&str] = &[
     "crc32c_generic",
     "erofs",
     "fuse",
+    "loop",
+    "ext4",
 ];
 
 /// Where the agent finds the load order, inside the initramfs.

@@ -9,6 +9,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use capsa_encfs::format::{DEFAULT_BLOCKS_PER_CHUNK, ManifestHeader};
+use capsa_encfs::luks::{LuksError, LuksHeader, LuksLocation, LuksVolume};
 use capsa_encfs::mount::{self, Device, Mounted};
 use capsa_encfs::{Image, MasterKey, OpenOptions, Store, remote};
 use clap::{Args, Subcommand};
@@ -23,8 +24,9 @@ pub(crate) enum EncfsCommand {
     /// Make an encrypted, integrity-protected image of a directory tree.
     Create(CreateArgs),
     /// Mount an image on a directory (root; for development: the key comes from a file).
+    /// A LUKS2 image file or blob (Azure's encfs recipe) mounts read-only.
     Mount(MountArgs),
-    /// Read and check every block of an image.
+    /// Read and check every block of an image (of a LUKS2 image: its header and key).
     Check(CheckArgs),
     /// Print an image's geometry and generation (needs no key).
     Info {
@@ -162,7 +164,9 @@ fn create(args: CreateArgs) -> anyhow::Result<()> {
             (MasterKey::generate()?, Some((name.clone(), policy, admin)))
         }
         _ => {
-            return Err(UsageError("give --key-name with --release-policy, or --key-file for development".into()).into());
+            return Err(
+                UsageError("give --key-name with --release-policy, or --key-file for development".into()).into()
+            );
         }
     };
     let size = match args.size {
@@ -223,6 +227,9 @@ fn open_image(location: &str, key_file: &Path, options: OpenOptions) -> anyhow::
 }
 
 fn mount_image(args: MountArgs) -> anyhow::Result<()> {
+    if let Some(luks) = LuksLocation::detect(&args.image) {
+        return mount_luks(args, luks);
+    }
     let options =
         OpenOptions { read_only: args.read_only, cache_blocks: args.cache_mib * 256, ..OpenOptions::default() };
     let image = Arc::new(open_image(&args.image, &args.key_file, options)?);
@@ -268,6 +275,9 @@ fn mount_image(args: MountArgs) -> anyhow::Result<()> {
 }
 
 fn check(args: CheckArgs) -> anyhow::Result<()> {
+    if let Some(luks) = LuksLocation::detect(&args.image) {
+        return check_luks(&args, luks);
+    }
     let image = open_image(&args.image, &args.key_file, OpenOptions { read_only: true, ..OpenOptions::default() })?;
     let stored = image.check()?;
     let geometry = image.geometry();
@@ -282,6 +292,9 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
 }
 
 fn info(location: &str) -> anyhow::Result<()> {
+    if let Some(luks) = LuksLocation::detect(location) {
+        return info_luks(location, &luks);
+    }
     let store = store_for(location, false)?;
     let bytes = store.get("manifest").map_err(|e| UsageError(format!("{location}: manifest: {e}")))?;
     let header = ManifestHeader::peek(&bytes)?;
@@ -294,6 +307,88 @@ fn info(location: &str) -> anyhow::Result<()> {
         "blocks": g.block_count,
         "blocks_per_chunk": g.blocks_per_chunk,
         "generation": header.generation,
+        "authenticated": false,
+    });
+    outln!("{}", serde_json::to_string_pretty(&value)?)?;
+    Ok(())
+}
+
+// LUKS2 images (Azure's encfs recipe): a single file or blob, mounted
+// read-only through the same FUSE and loop devices.
+
+/// Opens a LUKS2 image with the key file's bytes as the passphrase.
+fn open_luks(location: &str, luks: LuksLocation, key_file: &Path) -> anyhow::Result<LuksVolume> {
+    let passphrase = zeroize::Zeroizing::new(read(key_file)?);
+    LuksVolume::open(luks.store, &luks.object, &passphrase, luks.size).map_err(|e| match e {
+        LuksError::Store { .. } | LuksError::Crypto(_) => anyhow::Error::new(e).context(location.to_string()),
+        e => UsageError(format!("{location}: {e}")).into(),
+    })
+}
+
+fn mount_luks(args: MountArgs, luks: LuksLocation) -> anyhow::Result<()> {
+    let volume = open_luks(&args.image, luks, &args.key_file)?;
+    let keyslot = volume.keyslot();
+    let mounted = Mounted::mount(Arc::new(volume), &args.dir, &args.work_dir)?;
+    let _ = writeln!(
+        std::io::stderr(),
+        "capsa encfs: {} (LUKS2, keyslot {keyslot}) mounted on {} ({}, read-only{}); LUKS2 has no integrity protection: \
+         changed sectors read as garbage, undetected; Ctrl-C or `umount {}` unmounts",
+        args.image,
+        args.dir.display(),
+        mounted.loop_device().display(),
+        if args.read_only { "" } else { ": capsa does not write LUKS2 images" },
+        args.dir.display()
+    );
+    wait_until_unmounted(&mounted)?;
+    mounted.unmount()?;
+    let _ = writeln!(std::io::stderr(), "capsa encfs: unmounted {}", args.dir.display());
+    Ok(())
+}
+
+/// Until Ctrl-C, SIGTERM, or someone unmounting the directory by hand.
+fn wait_until_unmounted(mounted: &Mounted) -> anyhow::Result<()> {
+    runtime()?.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut terminate = signal(SignalKind::terminate())?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                _ = terminate.recv() => break,
+                _ = interrupt.recv() => break,
+                _ = tick.tick() => if !mounted.still_mounted() { break },
+            }
+        }
+        anyhow::Ok(())
+    })
+}
+
+fn check_luks(args: &CheckArgs, luks: LuksLocation) -> anyhow::Result<()> {
+    let volume = open_luks(&args.image, luks, &args.key_file)?;
+    let read = volume.check()?;
+    outln!(
+        "{}: ok: LUKS2 header and key (keyslot {}) checked, {} MiB of data read; no integrity protection: only the header and key were checked",
+        args.image,
+        volume.keyslot(),
+        read >> 20
+    )?;
+    Ok(())
+}
+
+fn info_luks(location: &str, luks: &LuksLocation) -> anyhow::Result<()> {
+    let header = LuksHeader::read(&*luks.store, &luks.object).map_err(|e| UsageError(format!("{location}: {e}")))?;
+    let value = json!({
+        "location": location,
+        "format": "luks2",
+        "uuid": header.uuid(),
+        "label": header.label(),
+        "cipher": header.cipher(),
+        "key_bits": header.key_bits(),
+        "sector_size": header.sector_size(),
+        "data_offset": header.data_offset(),
+        "data_size": header.data_size().map_or(json!("dynamic"), |size| json!(size)),
+        "keyslots": header.keyslots(),
+        "seqid": header.seqid(),
         "authenticated": false,
     });
     outln!("{}", serde_json::to_string_pretty(&value)?)?;

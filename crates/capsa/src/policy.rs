@@ -238,6 +238,19 @@ fn gen_policy(args: GenArgs) -> anyhow::Result<()> {
     let mut stderr = std::io::stderr();
     for w in &generated.workloads {
         writeln!(stderr, "{}: HOST_DATA {}", w.name, hex::encode(w.host_data))?;
+        // Measured with HOST_DATA: where each image is and which key opens it.
+        for v in &w.settings.encfs {
+            let access = if v.read_only { "read-only" } else { "read-write" };
+            writeln!(
+                stderr,
+                "{}: encrypted filesystem {} at {} ({access}): {}, key {}",
+                w.name,
+                v.name,
+                v.mount_point(),
+                v.url,
+                v.key
+            )?;
+        }
     }
     Ok(())
 }
@@ -265,7 +278,7 @@ fn sandbox_settings(trust: &[String], trust_ca: &[String], port: u16) -> anyhow:
         let pem = text(std::path::Path::new(file))?;
         endpoint.ca = Some(pem);
     }
-    let settings = SandboxSettings { workload_api_port: port, trust: endpoints };
+    let settings = SandboxSettings { workload_api_port: port, trust: endpoints, ..SandboxSettings::default() };
     settings.validate().map_err(|e| UsageError(e.to_string()))?;
     Ok(settings)
 }
@@ -320,4 +333,75 @@ pub fn verity(args: VerityArgs) -> anyhow::Result<()> {
     }
     outln!("{}", hex::encode(root))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use capsa_policy::engine::Engine;
+    use capsa_policy::generate::settings::Settings;
+    use capsa_policy::generate::{ImageFacts, ImageResolver, InputKind, Options, generate};
+    use capsa_policy::request::Request;
+
+    use super::sandbox_settings;
+
+    struct OneImage;
+
+    impl ImageResolver for OneImage {
+        fn resolve(&mut self, _: &str) -> Result<ImageFacts, String> {
+            Ok(ImageFacts {
+                manifest_digest: "sha256:aa".into(),
+                diff_ids: vec!["sha256:01".into()],
+                cmd: vec!["/bin/app".into()],
+                ..ImageFacts::default()
+            })
+        }
+    }
+
+    /// What `capsa run` asks for a pod with an encrypted filesystem is what
+    /// its generated policy allows: the runtime passes the volume's exact
+    /// source through. Another volume at the same place is refused.
+    #[test]
+    fn capsa_run_creates_containers_with_encfs_mounts_the_policy_allows() {
+        let yaml = "\
+kind: Pod
+metadata: {name: store}
+spec:
+  volumes:
+  - name: data
+    csi:
+      driver: encfs.capsa.dev
+      readOnly: true
+      volumeAttributes: {url: \"http://127.0.0.1:10000/devstoreaccount1/images/data\", key: data-key}
+  containers:
+  - name: app
+    image: app:1
+    volumeMounts: [{name: data, mountPath: /data}]
+";
+        let options = Options {
+            sandbox_settings: sandbox_settings(&["http://127.0.0.1:8443".into()], &[], 8080).unwrap(),
+            ..Options::default()
+        };
+        let settings = Settings::shipped_and(&[]).unwrap();
+        let generated = generate(InputKind::Kubernetes, "pod.yaml", yaml, &mut OneImage, &settings, &options).unwrap();
+        let pod = &generated.workloads[0];
+        let mut engine = Engine::from_document(pod.document.rego()).unwrap();
+        let request = capsa_runtime::pod::conforming_request("store-1", &pod.data.containers[0]).unwrap();
+        let mount = request.mounts.iter().find(|m| m.destination == "/data").unwrap();
+        assert_eq!(
+            (mount.source.as_str(), mount.options.as_slice()),
+            ("/run/capsa/encfs/data", &["ro".to_owned()][..])
+        );
+        let decision = engine.decide_request(&Request::CreateContainer(Box::new(request.clone())));
+        assert!(decision.allowed, "{decision}");
+
+        let mut other = request;
+        let i = other.mounts.iter().position(|m| m.destination == "/data").unwrap();
+        other.mounts[i].source = "/run/capsa/encfs/other".into();
+        let decision = engine.decide_request(&Request::CreateContainer(Box::new(other)));
+        assert!(!decision.allowed);
+        assert!(
+            decision.to_string().contains(&format!("mounts[{i}]: source /run/capsa/encfs/other is not")),
+            "{decision}"
+        );
+    }
 }

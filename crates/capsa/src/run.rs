@@ -301,6 +301,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     for trust in &settings.trust {
         forward.push(trust.address().map_err(UsageError)?.endpoint());
     }
+    // The object stores of the encrypted filesystems the agent mounts.
+    for volume in &settings.encfs {
+        let endpoint = volume.address().map_err(UsageError)?.endpoint();
+        if !forward.contains(&endpoint) {
+            forward.push(endpoint);
+        }
+    }
     let platform = SimPlatform::init(&SimPlatform::default_dir()?).context("the sim platform")?;
     let config = LaunchConfig {
         id: id.clone(),

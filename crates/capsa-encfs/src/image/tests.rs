@@ -4,7 +4,8 @@ use std::sync::atomic::AtomicUsize;
 use super::*;
 use crate::store::LocalStore;
 
-const SMALL: OpenOptions = OpenOptions { read_only: false, cache_blocks: 1, cache_tables: 1, dirty_limit: 64 << 20 };
+const SMALL: OpenOptions =
+    OpenOptions { read_only: false, cache_blocks: 1, cache_tables: 1, dirty_limit: 64 << 20, read_around: 8 };
 
 fn key() -> MasterKey {
     MasterKey::from_bytes(&[0x42; 32]).unwrap()

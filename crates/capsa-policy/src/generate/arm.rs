@@ -73,8 +73,7 @@ pub fn generate(
         let properties = resource.get("properties").cloned().unwrap_or(Value::Null);
         let workload = group(&format!("{path}.properties"), &name, &properties, &scope, options)?;
         let data = super::build::build(&workload, resolver, settings)?;
-        let generated =
-            GeneratedWorkload::new(name, data, Platform::AzureContainerInstances, &options.sandbox_settings)?;
+        let generated = GeneratedWorkload::new(name, data, &workload, &options.sandbox_settings)?;
         let props = resource
             .get_mut("properties")
             .and_then(Value::as_object_mut)
@@ -123,7 +122,13 @@ fn group(
         }
     }
     check.finish(options)?;
-    Ok(Workload { platform: Platform::AzureContainerInstances, name: name.to_owned(), containers, workload_api: None })
+    Ok(Workload {
+        platform: Platform::AzureContainerInstances,
+        name: name.to_owned(),
+        containers,
+        workload_api: None,
+        encfs: Vec::new(),
+    })
 }
 
 fn container(

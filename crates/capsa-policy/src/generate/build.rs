@@ -11,6 +11,7 @@ use std::collections::BTreeSet;
 use super::settings::{Settings, regex_check};
 use super::spec::{ContainerSpec, EnvSpec, Platform, VolumeSource, Workload};
 use super::{GenerateError, ImageFacts, ImageResolver};
+use crate::document::EncfsVolume;
 use crate::model::{
     ContainerPolicy, EnvPolicy, MountPolicy, PolicyData, SCHEMA_VERSION, SandboxPolicy, SourceMatch, UserPolicy,
 };
@@ -83,7 +84,7 @@ pub fn build(
         let image = resolver
             .resolve(&spec.image)
             .map_err(|reason| GenerateError::Image { image: spec.image.clone(), reason })?;
-        containers.push(container(workload.platform, spec, &image, settings)?);
+        containers.push(container(workload.platform, spec, &image, settings, &workload.encfs)?);
     }
     let mut sandbox = SandboxPolicy::default();
     if let Some(endpoints) = &workload.workload_api {
@@ -97,6 +98,7 @@ fn container(
     spec: &ContainerSpec,
     image: &ImageFacts,
     settings: &Settings,
+    encfs: &[EncfsVolume],
 ) -> Result<ContainerPolicy, GenerateError> {
     let path = |field: &str| format!("{}.{field}", spec.name);
     // Kubernetes' rules for command/args against entrypoint/cmd.
@@ -154,12 +156,29 @@ fn container(
         mounts.extend(settings.kubernetes_mounts.iter().cloned());
     }
     for m in &spec.mounts {
-        let options = vec![if m.read_only { "ro" } else { "rw" }.to_owned()];
+        let mut read_only = m.read_only;
         let (fs_type, source) = match &m.source {
             VolumeSource::HostPath(p) => ("bind", SourceMatch::Exact(p.clone())),
             VolumeSource::Sandbox(name) => ("bind", SourceMatch::Pattern(sandbox_volume_pattern(name))),
             VolumeSource::Tmpfs => ("tmpfs", SourceMatch::Exact("tmpfs".into())),
+            VolumeSource::Encfs(name) => {
+                let volume = encfs.iter().find(|v| v.name == *name).ok_or_else(|| GenerateError::Invalid {
+                    path: path("mounts"),
+                    reason: format!(
+                        "{} mounts encrypted filesystem {name:?}, which the workload does not declare",
+                        m.destination
+                    ),
+                })?;
+                // A read-only volume is read-only in every container that
+                // mounts it, whatever the container's mount says: the
+                // policy pins `ro`, which the host can never drop.
+                read_only |= volume.read_only;
+                // The agent mounts it there before any container starts, so
+                // the path is fixed: an exact source, not a pattern.
+                ("bind", SourceMatch::Exact(volume.mount_point()))
+            }
         };
+        let options = vec![if read_only { "ro" } else { "rw" }.to_owned()];
         mounts.push(MountPolicy { destination: m.destination.clone(), fs_type: fs_type.into(), source, options });
     }
 

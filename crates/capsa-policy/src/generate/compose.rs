@@ -67,9 +67,15 @@ pub fn generate(
     }
     check.finish(options)?;
     let project = doc.get("name").and_then(Value::as_str).unwrap_or(origin).to_owned();
-    let workload = Workload { platform: Platform::Compose, name: project.clone(), containers, workload_api: None };
+    let workload = Workload {
+        platform: Platform::Compose,
+        name: project.clone(),
+        containers,
+        workload_api: None,
+        encfs: Vec::new(),
+    };
     let data = super::build::build(&workload, resolver, settings)?;
-    let generated = GeneratedWorkload::new(project, data, Platform::Compose, &options.sandbox_settings)?;
+    let generated = GeneratedWorkload::new(project, data, &workload, &options.sandbox_settings)?;
     if let Some(obj) = doc.as_object_mut() {
         obj.insert(
             "x-capsa".into(),

@@ -8,6 +8,27 @@
 //! with the annotation `capsa.dev/workload-api`: endpoint names separated by
 //! commas (`status, key/release`), or `none`. Without it, the policy allows
 //! every endpoint.
+//!
+//! A pod volume of the CSI driver `encfs.capsa.dev` is an encrypted
+//! filesystem (a capsa-encfs image) the agent mounts at
+//! `/run/capsa/encfs/<volume name>` before any container starts:
+//!
+//! ```yaml
+//! volumes:
+//! - name: data                 # 1-63 of a-z, 0-9 and - (not first)
+//!   csi:
+//!     driver: encfs.capsa.dev
+//!     readOnly: true           # optional, default false
+//!     volumeAttributes:
+//!       url: http://127.0.0.1:10000/devstoreaccount1/images/data   # the image's prefix
+//!       key: data-key          # its key in the first --trust service's key broker
+//! ```
+//!
+//! The volume goes into that pod's initdata (so HOST_DATA measures where
+//! the image is and which key opens it), and a container's `volumeMount` of
+//! it is a bind mount of exactly that path, `ro` when the mount or the
+//! volume is read-only (a read-only volume is read-only in every container,
+//! whatever its mount says). `subPath` is not supported on these volumes.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -19,6 +40,7 @@ use super::{
     FieldCheck, GenerateError, Generated, GeneratedWorkload, ImageResolver, Options, base64, required_str, string_list,
     volume_mount,
 };
+use crate::document::{DocumentError, ENCFS_MOUNT_ROOT, EncfsVolume, SandboxSettings};
 use crate::model::WORKLOAD_API_ENDPOINTS;
 
 /// The annotation Confidential Containers reads initdata from.
@@ -26,6 +48,9 @@ pub const INITDATA_ANNOTATION: &str = "io.katacontainers.config.hypervisor.cc_in
 /// The pod annotation listing the workload API endpoints the pod's
 /// containers may use (see the module documentation).
 pub const WORKLOAD_API_ANNOTATION: &str = "capsa.dev/workload-api";
+/// The CSI driver name of a pod volume that is an encrypted filesystem
+/// (see the module documentation).
+pub const ENCFS_CSI_DRIVER: &str = "encfs.capsa.dev";
 
 const POD_SPEC_KEYS: &[&str] = &[
     "containers",
@@ -105,6 +130,8 @@ const CONTAINER_SECURITY_KEYS: &[&str] = &[
     "seccompProfile",
 ];
 const VOLUME_MOUNT_KEYS: &[&str] = &["name", "mountPath", "readOnly", "mountPropagation"];
+const ENCFS_CSI_KEYS: &[&str] = &["driver", "readOnly", "volumeAttributes"];
+const ENCFS_ATTRIBUTE_KEYS: &[&str] = &["url", "key"];
 const ENV_KEYS: &[&str] = &["name", "value", "valueFrom"];
 
 /// ConfigMaps and Secrets of the input, by name, as decoded strings.
@@ -158,8 +185,7 @@ pub fn generate(
         let mut workload = pod(&format!("{path}.spec"), &name, spec, &sources, options)?;
         workload.workload_api = workload_api(&path, template)?;
         let data = super::build::build(&workload, resolver, settings)?;
-        let generated =
-            GeneratedWorkload::new(format!("{kind}/{name}"), data, Platform::Kubernetes, &options.sandbox_settings)?;
+        let generated = GeneratedWorkload::new(format!("{kind}/{name}"), data, &workload, &options.sandbox_settings)?;
         annotate(template, &generated)?;
         workloads.push(generated);
     }
@@ -301,7 +327,7 @@ fn pod(
     }
     let pod_security = spec.get("securityContext").cloned().unwrap_or(Value::Null);
     check.keys(&pod_security, &format!("{path}.securityContext"), POD_SECURITY_KEYS);
-    let volumes = volumes(path, spec, &mut check)?;
+    let (volumes, encfs) = volumes(path, spec, &mut check)?;
 
     let mut containers = Vec::new();
     for key in ["initContainers", "containers"] {
@@ -319,16 +345,26 @@ fn pod(
     if containers.is_empty() {
         return Err(GenerateError::Invalid { path: format!("{path}.containers"), reason: "no containers".into() });
     }
-    Ok(Workload { platform: Platform::Kubernetes, name: name.to_owned(), containers, workload_api: None })
+    Ok(Workload { platform: Platform::Kubernetes, name: name.to_owned(), containers, workload_api: None, encfs })
 }
 
-fn volumes(path: &str, spec: &Value, check: &mut FieldCheck) -> Result<HashMap<String, VolumeSource>, GenerateError> {
+/// The pod's volumes by name, and its encrypted filesystems in spec order.
+fn volumes(
+    path: &str,
+    spec: &Value,
+    check: &mut FieldCheck,
+) -> Result<(HashMap<String, VolumeSource>, Vec<EncfsVolume>), GenerateError> {
     let mut out = HashMap::new();
-    let Some(list) = spec.get("volumes").and_then(Value::as_array) else { return Ok(out) };
+    let mut encfs = Vec::new();
+    let Some(list) = spec.get("volumes").and_then(Value::as_array) else { return Ok((out, encfs)) };
     for (i, v) in list.iter().enumerate() {
         let vpath = format!("{path}.volumes[{i}]");
         let name = required_str(v, "name", &vpath)?;
-        let source = if let Some(host) = v.get("hostPath") {
+        let csi = v.get("csi").filter(|c| c.get("driver").and_then(Value::as_str) == Some(ENCFS_CSI_DRIVER));
+        let source = if let Some(csi) = csi {
+            encfs.push(encfs_volume(&vpath, name, csi, check)?);
+            VolumeSource::Encfs(name.to_owned())
+        } else if let Some(host) = v.get("hostPath") {
             let p = host.get("path").and_then(Value::as_str).ok_or_else(|| GenerateError::Invalid {
                 path: format!("{vpath}.hostPath.path"),
                 reason: "missing".into(),
@@ -347,7 +383,59 @@ fn volumes(path: &str, spec: &Value, check: &mut FieldCheck) -> Result<HashMap<S
         };
         out.insert(name.to_owned(), source);
     }
-    Ok(out)
+    Ok((out, encfs))
+}
+
+/// An `encfs.capsa.dev` CSI volume (see the module documentation), its
+/// fields checked by the initdata's own rules so that each complaint names
+/// the field here. Whether a trust service is given is the workload's to
+/// check, when its settings are put together.
+fn encfs_volume(vpath: &str, name: &str, csi: &Value, check: &mut FieldCheck) -> Result<EncfsVolume, GenerateError> {
+    let cpath = format!("{vpath}.csi");
+    check.keys(csi, &cpath, ENCFS_CSI_KEYS);
+    let read_only = match csi.get("readOnly") {
+        None => false,
+        Some(v) => v.as_bool().ok_or_else(|| GenerateError::Invalid {
+            path: format!("{cpath}.readOnly"),
+            reason: format!("expected true or false, found {v}"),
+        })?,
+    };
+    let apath = format!("{cpath}.volumeAttributes");
+    let attributes = csi.get("volumeAttributes").filter(|a| a.is_object()).ok_or_else(|| GenerateError::Invalid {
+        path: apath.clone(),
+        reason: "missing (or not a mapping): an encrypted filesystem needs its url and key".into(),
+    })?;
+    check.keys(attributes, &apath, ENCFS_ATTRIBUTE_KEYS);
+    let volume = EncfsVolume {
+        name: name.to_owned(),
+        url: required_str(attributes, "url", &apath)?.to_owned(),
+        key: required_str(attributes, "key", &apath)?.to_owned(),
+        read_only,
+    };
+    let alone = SandboxSettings { encfs: vec![volume.clone()], ..SandboxSettings::default() };
+    let (path, reason) = match alone.validate() {
+        Ok(()) => return Ok(volume),
+        // Alone it has no trust service; that is not this volume's fault.
+        Err(DocumentError::Settings { field, .. }) if field == "encfs" => return Ok(volume),
+        Err(DocumentError::Settings { field, reason }) => match field.as_str() {
+            "encfs[0].name" => (
+                format!("{vpath}.name"),
+                format!(
+                    "{reason}: the name of an encrypted filesystem volume is its directory {ENCFS_MOUNT_ROOT}/<name> in the sandbox; rename the volume (and its volumeMounts)"
+                ),
+            ),
+            "encfs[0].url" => (
+                format!("{apath}.url"),
+                format!(
+                    "{reason} (an encrypted filesystem's url is its image's prefix, http(s)://HOST[:PORT]/PATH, without credentials or a SAS query: initdata is public)"
+                ),
+            ),
+            "encfs[0].key" => (format!("{apath}.key"), reason),
+            _ => (vpath.to_owned(), format!("{field}: {reason}")),
+        },
+        Err(other) => return Err(other.into()),
+    };
+    Err(GenerateError::Invalid { path, reason })
 }
 
 fn container(
@@ -405,7 +493,18 @@ fn container(
             if m.get("mountPropagation").and_then(Value::as_str).is_some_and(|p| p != "None") {
                 check.unsupported(format!("{mpath}.mountPropagation"));
             }
-            mounts.push(volume_mount(&mpath, m, volumes, "pod spec")?);
+            let mount = volume_mount(&mpath, m, volumes, "pod spec")?;
+            if let VolumeSource::Encfs(volume) = &mount.source {
+                if let Some(key) = ["subPath", "subPathExpr"].into_iter().find(|k| m.get(k).is_some()) {
+                    return Err(GenerateError::Invalid {
+                        path: format!("{mpath}.{key}"),
+                        reason: format!(
+                            "is not supported on encrypted filesystem volume \"{volume}\": mount the whole volume and use the directory inside it"
+                        ),
+                    });
+                }
+            }
+            mounts.push(mount);
         }
     }
 
@@ -681,6 +780,7 @@ spec:
         let sandbox_settings = SandboxSettings {
             workload_api_port: 9000,
             trust: vec![TrustEndpoint { url: "https://trust.example:8443".into(), ca: None }],
+            ..SandboxSettings::default()
         };
         let options = Options { sandbox_settings: sandbox_settings.clone(), ..Options::default() };
         let generated = generate("in.yaml", yaml, &mut OneImage, &settings, &options).unwrap();
@@ -700,6 +800,304 @@ spec:
         let error = generate("in.yaml", &bad, &mut OneImage, &settings, &options).unwrap_err().to_string();
         assert!(error.contains("Deployment/api.spec.template.metadata.annotations"), "{error}");
         assert!(error.contains("\"admin\""), "{error}");
+    }
+
+    const ENCFS_PODS: &str = "\
+apiVersion: v1
+kind: Pod
+metadata: {name: store}
+spec:
+  volumes:
+  - name: data
+    csi:
+      driver: encfs.capsa.dev
+      volumeAttributes:
+        url: http://127.0.0.1:10000/devstoreaccount1/images/data
+        key: data-key
+  - name: models
+    csi:
+      driver: encfs.capsa.dev
+      readOnly: true
+      volumeAttributes: {url: \"https://acct.blob.core.windows.net/images/models\", key: models-key}
+  containers:
+  - name: writer
+    image: app:1
+    volumeMounts:
+    - {name: data, mountPath: /data}
+    - {name: models, mountPath: /models}
+  - name: reader
+    image: app:1
+    volumeMounts:
+    - {name: data, mountPath: /data, readOnly: true}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: other}
+spec:
+  template:
+    spec:
+      volumes:
+      - name: data
+        csi:
+          driver: encfs.capsa.dev
+          volumeAttributes: {url: \"http://127.0.0.1:10000/devstoreaccount1/images/other\", key: other-key}
+      containers:
+      - name: app
+        image: app:1
+        volumeMounts: [{name: data, mountPath: /srv}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: plain}
+spec:
+  containers: [{name: app, image: app:1}]
+";
+
+    fn trust_options() -> Options {
+        use crate::document::TrustEndpoint;
+        let sandbox_settings = SandboxSettings {
+            trust: vec![TrustEndpoint { url: "http://127.0.0.1:8443".into(), ca: None }],
+            ..SandboxSettings::default()
+        };
+        Options { sandbox_settings, ..Options::default() }
+    }
+
+    fn encfs(name: &str, url: &str, key: &str, read_only: bool) -> EncfsVolume {
+        EncfsVolume { name: name.into(), url: url.into(), key: key.into(), read_only }
+    }
+
+    fn mount<'p>(policy: &'p crate::model::PolicyData, container: &str, destination: &str) -> &'p MountPolicy {
+        let container = policy.containers.iter().find(|c| c.name == container).unwrap();
+        container.mounts.iter().find(|m| m.destination == destination).unwrap()
+    }
+
+    use crate::model::{MountPolicy, SourceMatch};
+
+    /// Each pod's encrypted filesystems go into its own initdata beside the
+    /// options' settings (the same volume name in two pods is two volumes),
+    /// and each container's mount of one is a bind mount of exactly the
+    /// path the agent mounts it at, read-only when the mount or the volume is.
+    #[test]
+    fn encfs_volumes_reach_the_initdata_and_the_mounts() {
+        let settings = Settings::shipped_and(&[]).unwrap();
+        let options = trust_options();
+        let generated = generate("in.yaml", ENCFS_PODS, &mut OneImage, &settings, &options).unwrap();
+        let [store, other, plain] = generated.workloads.as_slice() else { panic!("three workloads expected") };
+
+        let data = encfs("data", "http://127.0.0.1:10000/devstoreaccount1/images/data", "data-key", false);
+        let models = encfs("models", "https://acct.blob.core.windows.net/images/models", "models-key", true);
+        let expected = SandboxSettings { encfs: vec![data, models], ..options.sandbox_settings.clone() };
+        assert_eq!(store.settings, expected);
+        assert_eq!(store.initdata.settings().unwrap(), expected);
+        assert_eq!(store.host_data, store.initdata.digest());
+        let other_data = encfs("data", "http://127.0.0.1:10000/devstoreaccount1/images/other", "other-key", false);
+        let expected = SandboxSettings { encfs: vec![other_data], ..options.sandbox_settings.clone() };
+        assert_eq!(other.initdata.settings().unwrap(), expected);
+        // A pod without encrypted filesystems gets the options' settings as they are.
+        assert_eq!(plain.initdata, plain.document.initdata_with(&options.sandbox_settings).unwrap());
+        assert_eq!(plain.settings, options.sandbox_settings);
+
+        let bind = |source: &str, option: &str| MountPolicy {
+            destination: String::new(),
+            fs_type: "bind".into(),
+            source: SourceMatch::Exact(source.into()),
+            options: vec![option.into()],
+        };
+        let at = |destination: &str, m: MountPolicy| MountPolicy { destination: destination.into(), ..m };
+        assert_eq!(*mount(&store.data, "writer", "/data"), at("/data", bind("/run/capsa/encfs/data", "rw")));
+        assert_eq!(*mount(&store.data, "reader", "/data"), at("/data", bind("/run/capsa/encfs/data", "ro")));
+        // The volume is read-only: so is every mount of it, whatever the mount says.
+        assert_eq!(*mount(&store.data, "writer", "/models"), at("/models", bind("/run/capsa/encfs/models", "ro")));
+        assert_eq!(*mount(&other.data, "app", "/srv"), at("/srv", bind("/run/capsa/encfs/data", "rw")));
+        for w in [store, other] {
+            assert!(generated.annotated.contains(&base64(w.initdata.toml().as_bytes())), "{}", w.name);
+        }
+    }
+
+    /// The create_container request an honest host sends for a policy
+    /// (`capsa_runtime::pod::conforming_request`: the policy's values,
+    /// exact mount sources as they are, the runtime's paths for patterns).
+    fn conforming(policy: &crate::model::ContainerPolicy) -> crate::request::CreateContainer {
+        use crate::request::{CreateContainer, Mount, User};
+        let mounts = policy
+            .mounts
+            .iter()
+            .map(|m| Mount {
+                source: match &m.source {
+                    SourceMatch::Exact(s) => s.clone(),
+                    SourceMatch::Pattern(p) => p.replace("[a-z0-9-]+", "sandbox-1").replace('\\', ""),
+                },
+                destination: m.destination.clone(),
+                fs_type: m.fs_type.clone(),
+                options: m.options.clone(),
+            })
+            .collect();
+        CreateContainer {
+            container: policy.name.clone(),
+            image: policy.image_digest.clone(),
+            layers: policy.layers.clone(),
+            args: policy.args.clone(),
+            env: policy.env.exact.clone(),
+            working_dir: policy.working_dir.clone(),
+            user: User { uid: policy.user.uid, gid: policy.user.gid, groups: policy.user.groups.clone() },
+            capabilities: policy.capabilities.clone(),
+            privileged: policy.privileged,
+            no_new_privileges: policy.no_new_privileges,
+            seccomp_profile_sha256: policy.seccomp_profile_sha256.clone(),
+            mounts,
+            read_only_rootfs: policy.read_only_rootfs,
+            sysctls: policy.sysctls.clone(),
+        }
+    }
+
+    /// The engine allows the honest requests for the generated policy, and
+    /// denies another volume at the same destination, or a read-only one
+    /// mounted writable, saying which mount.
+    #[test]
+    fn the_engine_holds_containers_to_their_encfs_mounts() {
+        use crate::engine::Engine;
+        use crate::request::Request;
+        let settings = Settings::shipped_and(&[]).unwrap();
+        let generated = generate("in.yaml", ENCFS_PODS, &mut OneImage, &settings, &trust_options()).unwrap();
+        let store = &generated.workloads[0];
+        let mut engine = Engine::from_document(store.document.rego()).unwrap();
+        let decide = |engine: &mut Engine, request: &crate::request::CreateContainer| {
+            engine.decide_request(&Request::CreateContainer(Box::new(request.clone())))
+        };
+        let honest: Vec<_> = store.data.containers.iter().map(conforming).collect();
+        for request in &honest {
+            let decision = decide(&mut engine, request);
+            assert!(decision.allowed, "{}: {decision}", request.container);
+        }
+        let [writer, reader] = honest.as_slice() else { panic!("two containers expected") };
+        let index = |request: &crate::request::CreateContainer, destination: &str| {
+            request.mounts.iter().position(|m| m.destination == destination).unwrap()
+        };
+
+        let mut swapped = writer.clone();
+        let i = index(&swapped, "/data");
+        swapped.mounts[i].source = "/run/capsa/encfs/other".into();
+        let decision = decide(&mut engine, &swapped);
+        assert!(!decision.allowed);
+        let text = decision.to_string();
+        assert!(
+            text.contains(&format!("mounts[{i}]: source /run/capsa/encfs/other is not /run/capsa/encfs/data")),
+            "{text}"
+        );
+
+        for (request, destination) in [(reader, "/data"), (writer, "/models")] {
+            let mut writable = request.clone();
+            let i = index(&writable, destination);
+            writable.mounts[i].options = vec!["rw".into()];
+            let decision = decide(&mut engine, &writable);
+            assert!(!decision.allowed);
+            let text = decision.to_string();
+            let expected = format!("mounts[{i}]: {destination} is writable (rw) but the policy mounts it read-only");
+            assert!(text.contains(&expected), "{destination}: {text}");
+            writable.mounts[i].options = Vec::new();
+            let text = decide(&mut engine, &writable).to_string();
+            assert!(text.contains(&format!("lack [\"ro\"], which the policy requires at {destination}")), "{text}");
+        }
+    }
+
+    /// Every mistake in an encrypted filesystem volume names its field.
+    #[test]
+    fn encfs_volume_errors_name_the_field() {
+        let settings = Settings::shipped_and(&[]).unwrap();
+        let pod = |volume: &str, mount: &str| {
+            format!(
+                "kind: Pod\nmetadata: {{name: p}}\nspec:\n  volumes: [{volume}]\n  containers: [{{name: app, image: app:1, volumeMounts: [{mount}]}}]\n"
+            )
+        };
+        let url = "http://127.0.0.1:10000/a/c/d";
+        let volume = |name: &str, attributes: &str| {
+            format!("{{name: {name}, csi: {{driver: encfs.capsa.dev, volumeAttributes: {{{attributes}}}}}}}")
+        };
+        let good = volume("data", &format!("url: \"{url}\", key: data-key"));
+        let mount = "{name: data, mountPath: /data}";
+        let error = |yaml: &str| generate("in.yaml", yaml, &mut OneImage, &settings, &trust_options()).unwrap_err();
+        assert!(generate("in.yaml", &pod(&good, mount), &mut OneImage, &settings, &trust_options()).is_ok());
+
+        let at = "Pod/p.spec.volumes[0]";
+        for (volume, path, expected) in [
+            (volume("data", "key: data-key"), format!("{at}.csi.volumeAttributes.url"), "missing"),
+            (volume("data", &format!("url: \"{url}\"")), format!("{at}.csi.volumeAttributes.key"), "missing"),
+            (volume("data", "url: 7, key: k"), format!("{at}.csi.volumeAttributes.url"), "not a string"),
+            (
+                volume("data", "url: \"az://c/d\", key: data-key"),
+                format!("{at}.csi.volumeAttributes.url"),
+                "not an http or https URL",
+            ),
+            (
+                volume("data", "url: \"https://acct.example/c/d?sv=2024&sig=x\", key: data-key"),
+                format!("{at}.csi.volumeAttributes.url"),
+                "query or fragment",
+            ),
+            (
+                volume("data", &format!("url: \"{url}\", key: \"a/b\"")),
+                format!("{at}.csi.volumeAttributes.key"),
+                "not a key name",
+            ),
+            (volume("Data_1", &format!("url: \"{url}\", key: k")), format!("{at}.name"), "/run/capsa/encfs/<name>"),
+            (
+                "{name: data, csi: {driver: encfs.capsa.dev}}".to_owned(),
+                format!("{at}.csi.volumeAttributes"),
+                "needs its url and key",
+            ),
+            (
+                format!(
+                    "{{name: data, csi: {{driver: encfs.capsa.dev, readOnly: yes please, volumeAttributes: {{url: \"{url}\", key: k}}}}}}"
+                ),
+                format!("{at}.csi.readOnly"),
+                "expected true or false",
+            ),
+        ] {
+            let yaml = pod(&volume, if path.ends_with(".name") { "{name: Data_1, mountPath: /data}" } else { mount });
+            match error(&yaml) {
+                GenerateError::Invalid { path: p, reason } => {
+                    assert_eq!(p, path, "{volume}: {reason}");
+                    assert!(reason.contains(expected), "{volume}: {reason}");
+                }
+                other => panic!("{volume}: expected an error at {path}, got {other}"),
+            }
+        }
+
+        // Fields the driver does not take, and other CSI drivers, are unsupported.
+        let extra = volume("data", &format!("url: \"{url}\", key: k, sas: s"));
+        let extra = extra.replace("driver: encfs.capsa.dev", "driver: encfs.capsa.dev, fsType: ext4");
+        match error(&pod(&extra, mount)) {
+            GenerateError::Unsupported { paths } => {
+                assert_eq!(paths, [format!("{at}.csi.fsType"), format!("{at}.csi.volumeAttributes.sas")])
+            }
+            other => panic!("expected unsupported fields, got {other}"),
+        }
+        let other_driver = good.replace("encfs.capsa.dev", "secrets-store.csi.k8s.io");
+        match error(&pod(&other_driver, "")) {
+            GenerateError::Unsupported { paths } => assert_eq!(paths, [format!("{at} (volume type)")]),
+            other => panic!("expected an unsupported volume type, got {other}"),
+        }
+
+        // A part of the volume cannot be mounted.
+        match error(&pod(&good, "{name: data, mountPath: /data, subPath: logs}")) {
+            GenerateError::Invalid { path, reason } => {
+                assert_eq!(path, "Pod/p.spec.containers[0].volumeMounts[0].subPath");
+                assert!(reason.contains("mount the whole volume"), "{reason}");
+            }
+            other => panic!("expected an invalid subPath, got {other}"),
+        }
+
+        // Without a trust service no key can be released: the error says to pass --trust.
+        let without = generate("in.yaml", &pod(&good, mount), &mut OneImage, &settings, &Options::default());
+        let error = without.unwrap_err();
+        assert!(
+            matches!(&error, GenerateError::EncfsWithoutTrust { workload, volumes } if workload == "Pod/p" && volumes == &["data"])
+        );
+        let message = error.to_string();
+        assert!(
+            message.starts_with("Pod/p mounts the encrypted filesystem(s) data,")
+                && message.contains("pass --trust URL"),
+            "{message}"
+        );
     }
 
     #[test]

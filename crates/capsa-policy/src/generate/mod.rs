@@ -16,7 +16,7 @@ pub mod k8s;
 pub mod settings;
 pub mod spec;
 
-use crate::document::{DocumentError, Initdata, PolicyDocument, SandboxSettings};
+use crate::document::{DocumentError, EncfsVolume, Initdata, PolicyDocument, SandboxSettings};
 use crate::model::PolicyData;
 
 /// What a policy needs to know about an image.
@@ -90,6 +90,18 @@ pub enum GenerateError {
     /// The document could not be rendered.
     #[error(transparent)]
     Document(#[from] DocumentError),
+    /// A workload mounts encrypted filesystems, but no trust service was
+    /// given to release their keys.
+    #[error(
+        "{workload} mounts the encrypted filesystem(s) {}, whose keys a trust service releases to the sandbox: pass --trust URL naming the trust service whose key broker holds them (the first --trust releases every volume's key)",
+        .volumes.join(", ")
+    )]
+    EncfsWithoutTrust {
+        /// The workload, as the generated policies name it (`Pod/NAME`).
+        workload: String,
+        /// The names of its encrypted filesystem volumes.
+        volumes: Vec<String>,
+    },
 }
 
 /// Options that apply to every input format.
@@ -154,8 +166,11 @@ pub struct GeneratedWorkload {
     pub data: PolicyData,
     /// The Rego document.
     pub document: PolicyDocument,
-    /// The initdata carrying it and [`Options::sandbox_settings`].
+    /// The initdata carrying it and [`GeneratedWorkload::settings`].
     pub initdata: Initdata,
+    /// The sandbox settings its initdata carries: [`Options::sandbox_settings`]
+    /// with the workload's own encrypted filesystems added.
+    pub settings: SandboxSettings,
     /// What the sandbox's HOST_DATA must carry: the initdata digest, or for
     /// Azure Container Instances, which measure the policy itself, the
     /// document's SHA-256 (there the sandbox settings are not measured).
@@ -163,20 +178,51 @@ pub struct GeneratedWorkload {
 }
 
 impl GeneratedWorkload {
+    /// Renders `data`, the policy of `workload`, into its document and
+    /// initdata, whose settings are `options` with the workload's
+    /// encrypted filesystems added.
     fn new(
         name: String,
         data: PolicyData,
-        platform: spec::Platform,
-        settings: &SandboxSettings,
+        workload: &spec::Workload,
+        options: &SandboxSettings,
     ) -> Result<Self, GenerateError> {
+        let settings = workload_settings(&name, &workload.encfs, options)?;
         let document = PolicyDocument::render(&data)?;
-        let initdata = document.initdata_with(settings)?;
-        let host_data = match platform {
+        let initdata = document.initdata_with(&settings)?;
+        let host_data = match workload.platform {
             spec::Platform::AzureContainerInstances => document.sha256(),
             spec::Platform::Kubernetes | spec::Platform::Compose => initdata.digest(),
         };
-        Ok(Self { name, data, document, initdata, host_data })
+        Ok(Self { name, data, document, initdata, settings, host_data })
     }
+}
+
+/// The sandbox settings the initdata of workload `name` carries: `base`
+/// (the options', shared by every workload of the input) with the
+/// workload's encrypted filesystems `encfs` added, validated. A workload
+/// without encrypted filesystems gets `base` unchanged, so its initdata is
+/// what it was before they existed. Encrypted filesystems need a trust
+/// service to release their keys: without one the error says to pass
+/// `--trust`.
+fn workload_settings(
+    name: &str,
+    encfs: &[EncfsVolume],
+    base: &SandboxSettings,
+) -> Result<SandboxSettings, GenerateError> {
+    if encfs.is_empty() {
+        return Ok(base.clone());
+    }
+    let mut settings = base.clone();
+    settings.encfs.extend(encfs.iter().cloned());
+    if settings.trust.is_empty() {
+        return Err(GenerateError::EncfsWithoutTrust {
+            workload: name.to_owned(),
+            volumes: settings.encfs.iter().map(|v| v.name.clone()).collect(),
+        });
+    }
+    settings.validate()?;
+    Ok(settings)
 }
 
 /// Generates policies for every workload in `text` (named `origin` in messages).

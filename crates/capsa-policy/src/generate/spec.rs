@@ -4,6 +4,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::document::EncfsVolume;
+
 /// The platform a workload comes from; decides which platform settings apply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Platform {
@@ -28,6 +30,13 @@ pub struct Workload {
     /// restricts them (a Kubernetes pod's `capsa.dev/workload-api`
     /// annotation); `None` allows every endpoint.
     pub workload_api: Option<Vec<String>>,
+    /// The encrypted filesystems (capsa-encfs images) the sandbox mounts
+    /// before any container starts; a [`VolumeSource::Encfs`] names one of
+    /// them. They go into this workload's initdata, added to the sandbox
+    /// settings every workload gets, and so are measured with its policy.
+    /// Only Kubernetes pods declare them (Azure Container Instances do not
+    /// measure initdata, and compose has no counterpart).
+    pub encfs: Vec<EncfsVolume>,
 }
 
 /// An environment entry as the spec gives it.
@@ -71,6 +80,10 @@ pub enum VolumeSource {
     Sandbox(String),
     /// A tmpfs.
     Tmpfs,
+    /// An encrypted filesystem of the workload's [`Workload::encfs`], by
+    /// name: the agent mounts it at `/run/capsa/encfs/<name>` in the guest
+    /// and the container gets a bind mount of that path.
+    Encfs(String),
 }
 
 /// One container as its spec describes it.
