@@ -26,6 +26,10 @@ impl Store for OneObject {
         *self.0.lock().unwrap() = bytes.to_vec();
         Ok(())
     }
+    fn size(&self, _name: &str) -> Result<u64, capsa_encfs::StoreError> {
+        let len = self.0.lock().unwrap().len() as u64;
+        if len == 0 { Err(capsa_encfs::StoreError::NotFound) } else { Ok(len) }
+    }
     fn delete(&self, _name: &str) -> Result<(), capsa_encfs::StoreError> {
         Ok(())
     }

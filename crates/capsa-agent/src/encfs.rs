@@ -137,7 +137,11 @@ fn mount_one(
     };
     let image = Arc::new(Image::open(store, &key, options).map_err(|e| failed(e.to_string()))?);
     drop(key);
-    let writeback = (!volume.read_only).then(|| image.start_writeback(WRITEBACK));
+    let writeback = if volume.read_only {
+        None
+    } else {
+        Some(image.start_writeback(WRITEBACK).map_err(|e| failed(format!("the writeback thread: {e}")))?)
+    };
     let mounted = Mounted::mount(image.clone(), Path::new(&target), Path::new(DEVICES)).map_err(|e| {
         image.stop_writeback();
         failed(format!("mounting at {target}: {e}"))

@@ -313,11 +313,7 @@ impl ManifestHeader {
             return Err(Error::Format(format!("block size {block_size}; capsa encfs images use 4096")));
         }
         let blocks_per_chunk = r.u32()?;
-        if !(1..=65536).contains(&blocks_per_chunk) || !blocks_per_chunk.is_power_of_two() {
-            return Err(Error::Format(format!(
-                "{blocks_per_chunk} blocks per chunk: expected a power of two up to 65536"
-            )));
-        }
+        check_blocks_per_chunk(blocks_per_chunk)?;
         let _reserved = r.u32()?;
         let image_id: [u8; 16] = r.array()?;
         let block_count = r.u64()?;
@@ -400,6 +396,14 @@ impl Manifest {
         out.extend_from_slice(mac.as_ref());
         out
     }
+}
+
+/// Chunks hold a power of two of blocks, up to 65536 (256 MiB).
+pub(crate) fn check_blocks_per_chunk(blocks_per_chunk: u32) -> Result<(), Error> {
+    if !(1..=65536).contains(&blocks_per_chunk) || !blocks_per_chunk.is_power_of_two() {
+        return Err(Error::Format(format!("{blocks_per_chunk} blocks per chunk: expected a power of two up to 65536")));
+    }
+    Ok(())
 }
 
 /// What an authenticated manifest says: the image's geometry, its commit

@@ -83,7 +83,7 @@ pub struct Image {
     /// holds it exclusively, so a read never loses its object mid-way.
     objects: RwLock<()>,
     writeback: Writeback,
-    /// Bytes read from the store, for `capsa encfs mount`'s report.
+    /// Bytes of chunk objects read from the store (see `fetched_bytes`).
     fetched: std::sync::atomic::AtomicU64,
 }
 
@@ -109,12 +109,8 @@ impl Image {
         if block_count == 0 || block_count > MAX_BLOCKS {
             return Err(Error::Format(format!("an image holds 4 KiB to 16 TiB, not {size} bytes")));
         }
-        if !(1..=65536).contains(&blocks_per_chunk) || !blocks_per_chunk.is_power_of_two() {
-            return Err(Error::Format(format!(
-                "{blocks_per_chunk} blocks per chunk: expected a power of two up to 65536"
-            )));
-        }
-        match store.get(MANIFEST_OBJECT) {
+        format::check_blocks_per_chunk(blocks_per_chunk)?;
+        match store.size(MANIFEST_OBJECT) {
             Err(StoreError::NotFound) => {}
             Ok(_) => return Err(Error::Exists(store.describe())),
             Err(source) => return Err(store_error(&*store, MANIFEST_OBJECT, source)),
@@ -516,7 +512,6 @@ impl Image {
         match self.write_commit(&snapshot, &base, generation) {
             Ok(replaced) => {
                 {
-                    let _objects = self.objects.write().unwrap_or_else(|p| p.into_inner());
                     let mut state = self.lock();
                     state.manifest = replaced.manifest;
                     for (block, data) in snapshot.iter() {
@@ -525,12 +520,18 @@ impl Image {
                         }
                     }
                     state.committing = Arc::new(BTreeMap::new());
-                    for name in &replaced.superseded {
-                        // Best effort: what is left is swept at the next
-                        // read-write open.
-                        if let Err(e) = self.store.delete(name) {
-                            tracing::warn!(object = %name, error = %e, "could not remove a superseded chunk object");
-                        }
+                }
+                // Readers that took an object's name from the old manifest
+                // hold `objects` while they read it: wait them out, then
+                // delete without holding anything, so that a slow store's
+                // deletes stall no read or write. Later readers see the new
+                // manifest.
+                drop(self.objects.write().unwrap_or_else(|p| p.into_inner()));
+                for name in &replaced.superseded {
+                    // Best effort: what is left is swept at the next
+                    // read-write open.
+                    if let Err(e) = self.store.delete(name) {
+                        tracing::warn!(object = %name, error = %e, "could not remove a superseded chunk object");
                     }
                 }
                 Ok(())
@@ -654,12 +655,8 @@ impl Image {
             let block = first + slot;
             let at = table_len + slot as usize * BLOCK_SIZE;
             let target = object.get_mut(at..at + BLOCK_SIZE).ok_or(Error::Crypto("chunk arithmetic"))?;
-            let carried = match (&previous, dirty.get(&block)) {
-                (_, Some(_)) | (None, None) => None,
-                (Some((bytes, table)), None) => Some((bytes, table)),
-            };
-            match carried {
-                Some((bytes, table)) => {
+            match (dirty.get(&block), &previous) {
+                (None, Some((bytes, table))) => {
                     let Some(ciphertext) = bytes.get(at..at + BLOCK_SIZE) else {
                         return Err(Error::Integrity {
                             block,
@@ -672,8 +669,9 @@ impl Image {
                     target.copy_from_slice(ciphertext);
                     entries.push(*table.entry(slot as usize).ok_or(Error::Crypto("table arithmetic"))?);
                 }
-                None => {
-                    if let Some(data) = dirty.get(&block) {
+                // Written, or never stored (zeros): sealed afresh.
+                (data, _) => {
+                    if let Some(data) = data {
                         target.copy_from_slice(data);
                     }
                     entries.push(self.keys.seal_block(&self.geometry.image_id, block, target)?);
@@ -711,6 +709,17 @@ impl Image {
         Ok(())
     }
 
+    /// Blocks the image stores, from the manifest (the others were never
+    /// written and read as zeros); [`Image::check`] reads them.
+    pub fn stored_blocks(&self) -> u64 {
+        let state = self.lock();
+        (0u64..)
+            .zip(&state.manifest.chunks)
+            .filter(|(_, c)| c.generation != 0)
+            .map(|(chunk, _)| self.geometry.blocks_in_chunk(chunk))
+            .sum()
+    }
+
     /// Reads and checks every block of the image; returns the number of
     /// blocks stored (the others were never written and read as zeros).
     pub fn check(&self) -> Result<u64, Error> {
@@ -732,37 +741,31 @@ impl Image {
 
     /// Commits in the background every `interval` while writes are waiting,
     /// until the image is dropped or [`Image::stop_writeback`] is called.
-    pub fn start_writeback(self: &Arc<Self>, interval: Duration) -> std::thread::JoinHandle<()> {
+    pub fn start_writeback(self: &Arc<Self>, interval: Duration) -> std::io::Result<std::thread::JoinHandle<()>> {
         let weak: Weak<Self> = Arc::downgrade(self);
-        std::thread::Builder::new()
-            .name("encfs-writeback".into())
-            .spawn(move || {
-                loop {
-                    let Some(image) = weak.upgrade() else { return };
-                    if image.writeback.stop.load(Ordering::Acquire) {
-                        return;
-                    }
-                    let mut pending = image.writeback.lock.lock().unwrap_or_else(|p| p.into_inner());
-                    if !*pending {
-                        pending = image
-                            .writeback
-                            .wake
-                            .wait_timeout(pending, interval)
-                            .map_or_else(|p| p.into_inner().0, |(g, _)| g);
-                    }
-                    *pending = false;
-                    drop(pending);
-                    if image.is_dirty() {
-                        if let Err(e) = image.commit() {
-                            tracing::error!(error = %e, "background commit failed");
-                        }
+        std::thread::Builder::new().name("encfs-writeback".into()).spawn(move || {
+            loop {
+                let Some(image) = weak.upgrade() else { return };
+                if image.writeback.stop.load(Ordering::Acquire) {
+                    return;
+                }
+                let mut pending = image.writeback.lock.lock().unwrap_or_else(|p| p.into_inner());
+                if !*pending {
+                    pending = image
+                        .writeback
+                        .wake
+                        .wait_timeout(pending, interval)
+                        .map_or_else(|p| p.into_inner().0, |(g, _)| g);
+                }
+                *pending = false;
+                drop(pending);
+                if image.is_dirty() {
+                    if let Err(e) = image.commit() {
+                        tracing::error!(error = %e, "background commit failed");
                     }
                 }
-            })
-            .unwrap_or_else(|e| {
-                tracing::error!(error = %e, "could not start the writeback thread; commits happen on fsync only");
-                std::thread::spawn(|| {})
-            })
+            }
+        })
     }
 
     /// Stops the background writer (the caller commits what is left).
@@ -770,6 +773,16 @@ impl Image {
         self.writeback.stop.store(true, Ordering::Release);
         self.writeback.wake.notify_all();
     }
+}
+
+/// Deletes the image in `store`, best effort; the manifest last, so that an
+/// interrupted removal still stops `create` there rather than leaving
+/// chunks for a new image to sweep.
+pub fn remove(store: &dyn Store) {
+    for name in store.list("chunks/").unwrap_or_default() {
+        let _ = store.delete(&name);
+    }
+    let _ = store.delete(MANIFEST_OBJECT);
 }
 
 struct Committed {

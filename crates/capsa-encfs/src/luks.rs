@@ -1068,35 +1068,14 @@ impl std::fmt::Debug for VolumeKey {
     }
 }
 
-/// The size of `object` in `store`, found with one-byte ranged reads (the
-/// [`Store`] trait has no size query): doubling, then bisecting, then one
-/// read of the last window. About 25 requests for a 1 GiB object; callers
-/// that know the size (a local file's metadata) should pass it instead.
+/// The size of `object` in `store` (a HEAD for an object store); callers
+/// that know it (a local file's metadata) should pass it instead.
 pub fn object_size(store: &dyn Store, object: &str) -> Result<u64, LuksError> {
-    const WINDOW: u64 = 64 << 10;
-    let fail = |source| LuksError::Store { location: store.describe(), object: object.to_string(), source };
-    let has =
-        |at: u64| -> Result<bool, LuksError> { Ok(!store.get_range(object, at..at + 1).map_err(fail)?.is_empty()) };
-    if !has(0)? {
-        return Ok(0);
-    }
-    // Invariant: the byte at `lo` exists, the one at `hi` does not.
-    let mut lo = 0u64;
-    let mut hi = 1u64 << 20;
-    while has(hi)? {
-        lo = hi;
-        hi = hi.checked_mul(2).ok_or_else(|| fail(StoreError::Remote("the object never ends".into())))?;
-    }
-    while hi - lo > WINDOW {
-        let mid = lo + (hi - lo) / 2;
-        if has(mid)? {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    let tail = store.get_range(object, lo..hi).map_err(fail)?;
-    Ok(lo + tail.len() as u64)
+    store.size(object).map_err(|source| LuksError::Store {
+        location: store.describe(),
+        object: object.to_string(),
+        source,
+    })
 }
 
 /// A LUKS2 image opened read-only: the decrypted data segment, as a
@@ -1705,7 +1684,7 @@ mod tests {
     }
 
     #[test]
-    fn object_sizes_are_found_by_ranged_reads() {
+    fn object_sizes_are_found() {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::open(dir.path());
         for size in [0u64, 1, 4095, 1 << 20, (1 << 20) + 1, 3 * (1 << 20) + 17, 9 << 20] {

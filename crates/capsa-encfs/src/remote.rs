@@ -542,18 +542,6 @@ impl Drop for RemoteStore {
     }
 }
 
-/// An object's name: non-empty `/`-separated parts of ASCII letters, digits,
-/// `-`, `.` and `_`, none of them `.` or `..` (as [`LocalStore`] accepts).
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.split('/').all(|part| {
-            !part.is_empty()
-                && part != "."
-                && part != ".."
-                && part.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
-        })
-}
-
 impl RemoteStore {
     /// The objects under `prefix` (`a/b`, or empty for the whole store) in
     /// `store`; `describe` is the location as messages show it, so it must
@@ -574,12 +562,7 @@ impl RemoteStore {
     }
 
     fn path(&self, name: &str) -> Result<Path, StoreError> {
-        if !valid_name(name) {
-            return Err(StoreError::Io(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("bad object name {name:?}"),
-            )));
-        }
+        crate::store::check_name(name)?;
         let full = if self.prefix.is_empty() { name.to_string() } else { format!("{}/{name}", self.prefix) };
         Path::parse(full).map_err(|e| StoreError::Remote(format!("{}: bad object name {name:?}: {e}", self.describe)))
     }
@@ -659,6 +642,13 @@ impl Store for RemoteStore {
             Err(object_store::Error::NotFound { .. }) => Err(self.missing_container("put", name)),
             Err(e) => Err(self.error("put", name, e)),
         }
+    }
+
+    fn size(&self, name: &str) -> Result<u64, StoreError> {
+        let path = self.path(name)?;
+        let store = self.store.clone();
+        let head = self.run(async move { store.head(&path).await })?;
+        head.map(|meta| meta.size).map_err(|e| self.error("head", name, e))
     }
 
     fn delete(&self, name: &str) -> Result<(), StoreError> {

@@ -57,6 +57,8 @@ pub trait Store: Send + Sync + 'static {
     fn sync(&self) -> Result<(), StoreError> {
         Ok(())
     }
+    /// An object's size in bytes.
+    fn size(&self, name: &str) -> Result<u64, StoreError>;
     /// Removes an object; one that does not exist is not an error.
     fn delete(&self, name: &str) -> Result<(), StoreError>;
     /// Names of the objects under a prefix.
@@ -88,19 +90,7 @@ impl LocalStore {
     }
 
     fn path(&self, name: &str) -> Result<PathBuf, StoreError> {
-        let valid = !name.is_empty()
-            && name.split('/').all(|part| {
-                !part.is_empty()
-                    && part != "."
-                    && part != ".."
-                    && part.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
-            });
-        if !valid {
-            return Err(StoreError::Io(std::io::Error::new(
-                ErrorKind::InvalidInput,
-                format!("bad object name {name:?}"),
-            )));
-        }
+        check_name(name)?;
         Ok(self.root.join(name))
     }
 
@@ -123,6 +113,24 @@ impl LocalStore {
 
     fn forget(&self, name: &str) {
         self.open.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
+    }
+}
+
+/// Checks an object's name: non-empty `/`-separated parts of ASCII letters,
+/// digits, `-`, `.` and `_`, none of them `.` or `..`. Every store takes the
+/// same names, so an image moves between them unchanged.
+pub(crate) fn check_name(name: &str) -> Result<(), StoreError> {
+    let valid = !name.is_empty()
+        && name.split('/').all(|part| {
+            !part.is_empty()
+                && part != "."
+                && part != ".."
+                && part.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+        });
+    if valid {
+        Ok(())
+    } else {
+        Err(StoreError::Io(std::io::Error::new(ErrorKind::InvalidInput, format!("bad object name {name:?}"))))
     }
 }
 
@@ -196,6 +204,14 @@ impl Store for LocalStore {
         file.write_all(bytes)?;
         self.forget(name);
         Ok(())
+    }
+
+    fn size(&self, name: &str) -> Result<u64, StoreError> {
+        match std::fs::metadata(self.path(name)?) {
+            Ok(meta) => Ok(meta.len()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Err(StoreError::NotFound),
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn sync(&self) -> Result<(), StoreError> {

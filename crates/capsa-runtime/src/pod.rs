@@ -9,10 +9,10 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::path::PathBuf;
 
-use capsa_agent::protocol::{self, Call, Compression, CreateContainer, Mount, ProcessRef, Reply, Stream, User};
+use capsa_agent::protocol::{self, Call, Compression, CreateContainer, ProcessRef, Reply, Stream};
 use capsa_policy::document::Initdata;
 use capsa_policy::generate::k8s::INITDATA_ANNOTATION;
-use capsa_policy::model::{ContainerPolicy, SourceMatch};
+use capsa_policy::model::ContainerPolicy;
 
 use crate::client::{AgentClient, CallError};
 
@@ -67,65 +67,10 @@ pub struct LayerSource {
 }
 
 /// The `create_container` request that conforms to `policy` in the sandbox
-/// `sandbox_id`: the policy's own values, and for mount sources the policy
-/// leaves to the runtime (patterns), the paths capsa's runtime uses.
+/// `sandbox_id` ([`CreateContainer::conforming`]).
 pub fn conforming_request(sandbox_id: &str, policy: &ContainerPolicy) -> Result<CreateContainer, PodError> {
-    let mut mounts = Vec::with_capacity(policy.mounts.len());
-    for m in &policy.mounts {
-        let source = match &m.source {
-            SourceMatch::Exact(s) => s.clone(),
-            SourceMatch::Pattern(p) => runtime_path(p, sandbox_id, &policy.name)
-                .ok_or_else(|| PodError::MountSource { destination: m.destination.clone(), pattern: p.clone() })?,
-        };
-        mounts.push(Mount {
-            source,
-            destination: m.destination.clone(),
-            fs_type: m.fs_type.clone(),
-            options: m.options.clone(),
-        });
-    }
-    Ok(CreateContainer {
-        container: policy.name.clone(),
-        image: policy.image_digest.clone(),
-        layers: policy.layers.clone(),
-        args: policy.args.clone(),
-        env: policy.env.exact.clone(),
-        working_dir: policy.working_dir.clone(),
-        user: User { uid: policy.user.uid, gid: policy.user.gid, groups: policy.user.groups.clone() },
-        capabilities: policy.capabilities.clone(),
-        privileged: policy.privileged,
-        no_new_privileges: policy.no_new_privileges,
-        seccomp_profile_sha256: policy.seccomp_profile_sha256.clone(),
-        mounts,
-        read_only_rootfs: policy.read_only_rootfs,
-        sysctls: policy.sysctls.clone(),
-    })
-}
-
-/// The path the runtime uses where the policy allows a pattern: the
-/// per-sandbox segment (`[a-z0-9-]+`) is the sandbox id, a second such
-/// segment the container's name, escapes are removed; the result must match
-/// the pattern, or there is no such path.
-fn runtime_path(pattern: &str, sandbox_id: &str, container: &str) -> Option<String> {
-    const SEGMENT: &str = "[a-z0-9-]+";
-    let with_id = pattern.replacen(SEGMENT, sandbox_id, 1);
-    let with_name = with_id.replacen(SEGMENT, container, 1);
-    let mut path = String::with_capacity(with_name.len());
-    let mut chars = with_name.chars();
-    while let Some(c) = chars.next() {
-        if c == '\\' {
-            path.extend(chars.next());
-        } else {
-            path.push(c);
-        }
-    }
-    // What is left must be a plain path: a pattern the runtime has no
-    // convention for (`/data/.*`) would otherwise "match" its own text.
-    if path.contains(['*', '+', '?', '[', ']', '(', ')', '{', '}', '|', '^', '$']) {
-        return None;
-    }
-    let anchored = regex::Regex::new(&format!("^(?:{pattern})$")).ok()?;
-    anchored.is_match(&path).then_some(path)
+    CreateContainer::conforming(sandbox_id, policy)
+        .map_err(|m| PodError::MountSource { destination: m.destination, pattern: m.pattern })
 }
 
 /// Streams a layer into the sandbox; returns the size the agent verified.
@@ -351,22 +296,5 @@ mod tests {
         // Sums saturate (found by reading, confirmed with fuzz/pod_resources).
         let huge = "spec: {containers: [{resources: {limits: {memory: 1e19, cpu: 1e300}}}, {resources: {limits: {memory: 1e19, cpu: 1}}}]}";
         assert_eq!(resources_from_pod_yaml(huge).cpus, u32::MAX);
-    }
-
-    #[test]
-    fn pattern_sources_become_the_runtime_paths() {
-        assert_eq!(
-            runtime_path("/run/capsa/sandboxes/[a-z0-9-]+/resolv\\.conf", "pod-1", "web").as_deref(),
-            Some("/run/capsa/sandboxes/pod-1/resolv.conf")
-        );
-        assert_eq!(
-            runtime_path("/run/capsa/sandboxes/[a-z0-9-]+/termination-log/[a-z0-9-]+", "pod-1", "web").as_deref(),
-            Some("/run/capsa/sandboxes/pod-1/termination-log/web")
-        );
-        assert_eq!(
-            runtime_path("/run/capsa/sandboxes/[a-z0-9-]+/volumes/cache", "p", "c").as_deref(),
-            Some("/run/capsa/sandboxes/p/volumes/cache")
-        );
-        assert_eq!(runtime_path("/data/.*", "p", "c"), None);
     }
 }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use capsa_encfs::format::{DEFAULT_BLOCKS_PER_CHUNK, ManifestHeader};
@@ -178,12 +179,12 @@ fn create(args: CreateArgs) -> anyhow::Result<()> {
     let formatted = Device::serve(image.clone(), &args.work_dir)
         .and_then(|device| mount::format_ext4(&device, &args.source, &args.label).and_then(|()| device.close()));
     if let Err(e) = formatted {
-        remove_image(&*store);
+        capsa_encfs::image::remove(&*store);
         return Err(anyhow::Error::new(e).context(format!(
             "formatting the image (if it ran out of space, give a larger --size than {size} bytes)"
         )));
     }
-    let stored = image.check()?;
+    let stored = image.stored_blocks();
     if let Some((name, policy, admin)) = import {
         // The key leaves this process only here, to the trust service; if it
         // cannot, the image is unreadable and is removed.
@@ -197,7 +198,7 @@ fn create(args: CreateArgs) -> anyhow::Result<()> {
         let imported =
             runtime()?.block_on(async { admin_client(&admin)?.create_key(&body).await.map_err(client_error) });
         if let Err(e) = imported {
-            remove_image(&*store);
+            capsa_encfs::image::remove(&*store);
             return Err(e.context(format!("importing the key {name}; the image was removed")));
         }
     }
@@ -214,13 +215,6 @@ fn create(args: CreateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn remove_image(store: &dyn Store) {
-    for name in store.list("chunks/").unwrap_or_default() {
-        let _ = store.delete(&name);
-    }
-    let _ = store.delete("manifest");
-}
-
 fn open_image(location: &str, key_file: &Path, options: OpenOptions) -> anyhow::Result<Image> {
     let key = key_from_file(key_file)?;
     Ok(Image::open(store_for(location, false)?, &key, options)?)
@@ -233,7 +227,11 @@ fn mount_image(args: MountArgs) -> anyhow::Result<()> {
     let options =
         OpenOptions { read_only: args.read_only, cache_blocks: args.cache_mib * 256, ..OpenOptions::default() };
     let image = Arc::new(open_image(&args.image, &args.key_file, options)?);
-    let writeback = (!args.read_only).then(|| image.start_writeback(Duration::from_secs(args.writeback_secs.max(1))));
+    let writeback = if args.read_only {
+        None
+    } else {
+        Some(image.start_writeback(Duration::from_secs(args.writeback_secs.max(1))).context("the writeback thread")?)
+    };
     let mounted = Mounted::mount(image.clone(), &args.dir, &args.work_dir)?;
     let _ = writeln!(
         std::io::stderr(),
@@ -244,21 +242,7 @@ fn mount_image(args: MountArgs) -> anyhow::Result<()> {
         if args.read_only { ", read-only" } else { "" },
         args.dir.display()
     );
-    // Until Ctrl-C, SIGTERM, or someone unmounting the directory by hand.
-    runtime()?.block_on(async {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut terminate = signal(SignalKind::terminate())?;
-        let mut interrupt = signal(SignalKind::interrupt())?;
-        let mut tick = tokio::time::interval(Duration::from_millis(250));
-        loop {
-            tokio::select! {
-                _ = terminate.recv() => break,
-                _ = interrupt.recv() => break,
-                _ = tick.tick() => if !mounted.still_mounted() { break },
-            }
-        }
-        anyhow::Ok(())
-    })?;
+    wait_until_unmounted(&mounted)?;
     image.stop_writeback();
     let result = mounted.unmount();
     if let Some(handle) = writeback {

@@ -76,11 +76,9 @@ impl Setup {
         let path = self.home.join(&format!("{name}.yaml"));
         std::fs::write(&path, pod).unwrap();
         let annotated = self.home.join(&format!("{name}.annotated.yaml"));
-        let out = run(
+        let host_data = common::policy_gen(
             self.home.path(),
             &[
-                "policy",
-                "gen",
                 path.to_str().unwrap(),
                 "--oci-layout",
                 self.layout.to_str().unwrap(),
@@ -90,10 +88,6 @@ impl Setup {
                 annotated.to_str().unwrap(),
             ],
         );
-        assert!(out.status.success());
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let host_data =
-            stderr.lines().find_map(|l| l.split_once("HOST_DATA ").map(|(_, h)| h.trim().to_owned())).unwrap();
         (annotated, host_data)
     }
 

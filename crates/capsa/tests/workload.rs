@@ -118,8 +118,6 @@ fn annotated_pod_with(s: &Setup, name: &str, annotations: &str, script: &str, ca
     let scheme = if ca.is_some() { "https" } else { "http" };
     let trust_url = format!("{scheme}://localhost:{}", s.trust.port);
     let mut args = vec![
-        "policy".to_owned(),
-        "gen".to_owned(),
         path.display().to_string(),
         "--oci-layout".to_owned(),
         s.layout.display().to_string(),
@@ -134,11 +132,7 @@ fn annotated_pod_with(s: &Setup, name: &str, annotations: &str, script: &str, ca
         args.extend(["--trust-ca".to_owned(), format!("{trust_url}={}", ca_file.display())]);
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = run(s.home.path(), &args);
-    assert!(out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let host_data = stderr.lines().find_map(|l| l.split_once("HOST_DATA ").map(|(_, h)| h.trim().to_owned())).unwrap();
-    (annotated, host_data)
+    (annotated, common::policy_gen(s.home.path(), &args))
 }
 
 fn release_call(port: u16, kid: &str) -> String {

@@ -302,6 +302,9 @@ impl Store for Failing {
         self.spend()?;
         self.inner.put_new(name, bytes)
     }
+    fn size(&self, name: &str) -> Result<u64, StoreError> {
+        self.inner.size(name)
+    }
     fn delete(&self, name: &str) -> Result<(), StoreError> {
         self.inner.delete(name)
     }
@@ -359,7 +362,7 @@ fn superseded_objects_are_removed_after_a_commit() {
 fn background_writeback_commits_without_an_fsync() {
     let (dir, image) = fresh();
     let image = Arc::new(image);
-    let handle = image.start_writeback(Duration::from_millis(20));
+    let handle = image.start_writeback(Duration::from_millis(20)).unwrap();
     image.write_at(0, &block_of(9)).unwrap();
     for _ in 0..500 {
         if !image.is_dirty() && image.generation() > 0 {

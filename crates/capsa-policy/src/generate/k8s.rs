@@ -914,42 +914,6 @@ spec:
         }
     }
 
-    /// The create_container request an honest host sends for a policy
-    /// (`capsa_runtime::pod::conforming_request`: the policy's values,
-    /// exact mount sources as they are, the runtime's paths for patterns).
-    fn conforming(policy: &crate::model::ContainerPolicy) -> crate::request::CreateContainer {
-        use crate::request::{CreateContainer, Mount, User};
-        let mounts = policy
-            .mounts
-            .iter()
-            .map(|m| Mount {
-                source: match &m.source {
-                    SourceMatch::Exact(s) => s.clone(),
-                    SourceMatch::Pattern(p) => p.replace("[a-z0-9-]+", "sandbox-1").replace('\\', ""),
-                },
-                destination: m.destination.clone(),
-                fs_type: m.fs_type.clone(),
-                options: m.options.clone(),
-            })
-            .collect();
-        CreateContainer {
-            container: policy.name.clone(),
-            image: policy.image_digest.clone(),
-            layers: policy.layers.clone(),
-            args: policy.args.clone(),
-            env: policy.env.exact.clone(),
-            working_dir: policy.working_dir.clone(),
-            user: User { uid: policy.user.uid, gid: policy.user.gid, groups: policy.user.groups.clone() },
-            capabilities: policy.capabilities.clone(),
-            privileged: policy.privileged,
-            no_new_privileges: policy.no_new_privileges,
-            seccomp_profile_sha256: policy.seccomp_profile_sha256.clone(),
-            mounts,
-            read_only_rootfs: policy.read_only_rootfs,
-            sysctls: policy.sysctls.clone(),
-        }
-    }
-
     /// The engine allows the honest requests for the generated policy, and
     /// denies another volume at the same destination, or a read-only one
     /// mounted writable, saying which mount.
@@ -964,7 +928,12 @@ spec:
         let decide = |engine: &mut Engine, request: &crate::request::CreateContainer| {
             engine.decide_request(&Request::CreateContainer(Box::new(request.clone())))
         };
-        let honest: Vec<_> = store.data.containers.iter().map(conforming).collect();
+        let honest: Vec<_> = store
+            .data
+            .containers
+            .iter()
+            .map(|c| crate::request::CreateContainer::conforming("sandbox-1", c).unwrap())
+            .collect();
         for request in &honest {
             let decision = decide(&mut engine, request);
             assert!(decision.allowed, "{}: {decision}", request.container);

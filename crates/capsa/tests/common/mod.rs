@@ -70,3 +70,13 @@ pub fn busybox_layer(applets: &[&str]) -> BuiltLayer {
     }
     layer(tar.dir("tmp/").finish(), Comp::Gzip)
 }
+
+/// Runs `capsa policy gen ARGS`, which must succeed, and returns the
+/// HOST_DATA it printed.
+pub fn policy_gen(home: &Path, args: &[&str]) -> String {
+    let args = [&["policy", "gen"][..], args].concat();
+    let out = run(home, &args);
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    stderr.lines().find_map(|l| l.split_once("HOST_DATA ").map(|(_, h)| h.trim().to_owned())).unwrap()
+}
