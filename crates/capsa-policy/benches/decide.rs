@@ -4,6 +4,8 @@
 //!
 //! First 10,000 decisions of each kind are timed one by one and p50/p99
 //! printed (divan reports medians, not tails); then divan's own statistics.
+//! "rules alone" is `Engine::decide_by_rules`, without the engine's native
+//! check for create_container: what the compiled Rego costs by itself.
 //!
 //! `cargo bench -p capsa-policy --bench decide`
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
@@ -170,22 +172,38 @@ fn engine() -> Engine {
     Engine::from_data(&policy()).unwrap()
 }
 
-fn percentiles(name: &str, engine: &mut Engine, request: &serde_json::Value, expect_allowed: bool) {
+/// How a decision is made: what the agent calls, or the rules alone.
+#[derive(Clone, Copy)]
+enum Path {
+    /// `Engine::decide`: the native check for create_container, then the rules.
+    Engine,
+    /// `Engine::decide_by_rules`: the compiled rules for every request.
+    Rules,
+}
+
+fn decide(engine: &mut Engine, path: Path, request: &serde_json::Value) -> capsa_policy::engine::Decision {
+    match path {
+        Path::Engine => engine.decide(request),
+        Path::Rules => engine.decide_by_rules(request),
+    }
+}
+
+fn percentiles(name: &str, engine: &mut Engine, path: Path, request: &serde_json::Value, expect_allowed: bool) {
     const RUNS: usize = 10_000;
     for _ in 0..200 {
-        assert_eq!(engine.decide(request).allowed, expect_allowed);
+        assert_eq!(decide(engine, path, request).allowed, expect_allowed);
     }
     let mut times: Vec<u128> = Vec::with_capacity(RUNS);
     for _ in 0..RUNS {
         let start = Instant::now();
-        let d = engine.decide(request);
+        let d = decide(engine, path, request);
         times.push(start.elapsed().as_nanos());
         assert_eq!(d.allowed, expect_allowed);
     }
     times.sort_unstable();
     let at = |q: f64| times[((RUNS as f64 * q) as usize).min(RUNS - 1)] as f64 / 1000.0;
     println!(
-        "{name:<28} n={RUNS} p50={:.1}µs p90={:.1}µs p99={:.1}µs max={:.1}µs",
+        "{name:<40} n={RUNS} p50={:.1}µs p90={:.1}µs p99={:.1}µs max={:.1}µs",
         at(0.50),
         at(0.90),
         at(0.99),
@@ -221,14 +239,17 @@ fn main() {
     let d = engine.decide(&denied);
     assert_eq!(d.reasons.len(), 3, "{d}");
     println!("policy: {CONTAINERS} containers; request for container {TARGET}");
-    percentiles("create_container allowed", &mut engine, &allowed, true);
-    percentiles("create_container denied (3)", &mut engine, &denied, false);
+    assert!(engine.fast_path_allows(&allowed) && !engine.fast_path_allows(&denied));
+    percentiles("create_container allowed", &mut engine, Path::Engine, &allowed, true);
+    percentiles("create_container allowed, rules alone", &mut engine, Path::Rules, &allowed, true);
+    percentiles("create_container denied (3)", &mut engine, Path::Engine, &denied, false);
     let mut policy = policy();
     let mut plain = request(TARGET);
     regex_free(&mut policy, &mut plain);
     let mut plain_engine = Engine::from_data(&policy).unwrap();
     let plain = serde_json::to_value(Request::CreateContainer(Box::new(plain))).unwrap();
-    percentiles("create_container, no regex", &mut plain_engine, &plain, true);
+    percentiles("create_container, no regex", &mut plain_engine, Path::Engine, &plain, true);
+    percentiles("create_container, no regex, rules alone", &mut plain_engine, Path::Rules, &plain, true);
     divan::main();
 }
 
@@ -237,6 +258,13 @@ fn create_container_allowed(bencher: divan::Bencher) {
     let mut engine = engine();
     let request = serde_json::to_value(Request::CreateContainer(Box::new(request(TARGET)))).unwrap();
     bencher.bench_local(|| engine.decide(divan::black_box(&request)));
+}
+
+#[divan::bench]
+fn create_container_allowed_rules_alone(bencher: divan::Bencher) {
+    let mut engine = engine();
+    let request = serde_json::to_value(Request::CreateContainer(Box::new(request(TARGET)))).unwrap();
+    bencher.bench_local(|| engine.decide_by_rules(divan::black_box(&request)));
 }
 
 #[divan::bench]

@@ -237,6 +237,21 @@ fn every_case_decides_as_expected() {
         if reference != decision {
             problems.push(format!("the interpreter decides otherwise:\n{reference}"));
         }
+        let by_rules = engine.decide_by_rules(&loaded.request);
+        if by_rules != reference {
+            problems.push(format!("the compiled rules decide otherwise:\n{by_rules}"));
+        }
+        // The native check for create_container: never looser than the
+        // rules, and taken by every honest creation (or the benchmark
+        // measures a path the agent does not take).
+        let fast = engine.fast_path_allows(&loaded.request);
+        if fast && !reference.allowed {
+            problems.push("the fast path allows a request the rules deny".to_owned());
+        }
+        let creates = loaded.request.get("op").and_then(Value::as_str) == Some("create_container");
+        if creates && reference.allowed && !fast {
+            problems.push("the fast path does not take this allowed create_container".to_owned());
+        }
         if !problems.is_empty() {
             failures.push(format!(
                 "{} ({}):\n  - {}\n{decision}",
@@ -323,9 +338,11 @@ fn mutate(value: &mut Value, rng: &mut XorShift, depth: usize) {
         }
         Value::Number(n) => {
             let n = n.as_u64().unwrap_or(0);
-            *value = match rng.below(3) {
+            *value = match rng.below(4) {
                 0 => Value::from(n + 1),
                 1 => Value::from(n.to_string()),
+                // The same number as a float: equal in Rego, not a u32.
+                2 => Value::from(n as f64),
                 _ => Value::from(0),
             };
         }
@@ -350,9 +367,10 @@ fn mutate(value: &mut Value, rng: &mut XorShift, depth: usize) {
     }
 }
 
-/// The compiled program and the interpreter agree on many variations of
-/// every case's request, allowed or not: the compiled form is what
-/// decides, the interpreter is the reference semantics.
+/// The compiled program, the engine's native check for create_container
+/// and the interpreter agree on many variations of every case's request,
+/// allowed or not: the fast path and the compiled form are what decide, the
+/// interpreter is the reference semantics.
 #[test]
 fn compiled_and_interpreted_decisions_agree_on_mutated_requests() {
     let mut engines = engines();
@@ -365,6 +383,10 @@ fn compiled_and_interpreted_decisions_agree_on_mutated_requests() {
         .unwrap_or(if cfg!(debug_assertions) { 3 } else { 20 });
     let mut compared = 0;
     let mut allowed = 0;
+    let mut fast = 0;
+    // Allowed creations the native check left to the rules: not wrong, but
+    // the agent's hot path should take every honest one.
+    let mut slow_creates = Vec::new();
     for _ in 0..rounds {
         for base in &bases {
             let engine = engines.get_mut(&base.case.policy).unwrap();
@@ -372,16 +394,32 @@ fn compiled_and_interpreted_decisions_agree_on_mutated_requests() {
             for _ in 0..=rng.below(2) {
                 mutate(&mut request, &mut rng, 0);
             }
-            let compiled = engine.decide(&request);
+            let decided = engine.decide(&request);
+            let compiled = engine.decide_by_rules(&request);
             let reference = engine.decide_reference(&request);
             assert_eq!(
                 compiled, reference,
                 "compiled and interpreted decisions differ for a variation of {}:\n{request:#}",
                 base.name
             );
+            assert_eq!(decided, reference, "the engine and the interpreter differ for a variation of {}", base.name);
+            let fast_allows = engine.fast_path_allows(&request);
+            assert!(
+                !fast_allows || reference.allowed,
+                "the fast path allows a variation of {} that the rules deny:\n{request:#}\n{reference}",
+                base.name
+            );
             compared += 1;
             allowed += usize::from(compiled.allowed);
+            fast += usize::from(fast_allows);
+            let creates = request.get("op").and_then(Value::as_str) == Some("create_container");
+            if creates && reference.allowed && !fast_allows {
+                slow_creates.push(request.clone());
+            }
         }
     }
-    println!("{compared} mutated requests: {allowed} allowed, compiled and interpreted agree on all");
+    println!(
+        "{compared} mutated requests: {allowed} allowed ({fast} on the fast path), compiled and interpreted agree on all"
+    );
+    assert!(slow_creates.is_empty(), "allowed creations not on the fast path: {slow_creates:#?}");
 }
