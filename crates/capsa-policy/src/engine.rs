@@ -476,9 +476,6 @@ impl Engine {
         if self.compiled.is_none() {
             return false;
         }
-        let Some(fields) = request.as_object() else {
-            return false;
-        };
         if text(request, "op") != Some("create_container") {
             return false;
         }
@@ -488,7 +485,7 @@ impl Engine {
         let Some(container) = self.data.containers.get(matchers.index) else {
             return false;
         };
-        fast_path::allows(container, matchers, fields) && Request::deserialize(request).is_ok()
+        fast_path::allows(container, matchers, request) && Request::deserialize(request).is_ok()
     }
 
     /// [`Engine::decide`] with regorus' interpreter instead of the compiled
