@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::num::NonZeroUsize;
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, Weak};
 use std::time::Duration;
@@ -39,8 +40,11 @@ pub struct OpenOptions {
     /// Dirty bytes at which a write waits for a commit.
     pub dirty_limit: usize,
     /// Blocks fetched around a small read that misses the cache (aligned,
-    /// within its chunk), and cached: fetching 32 KiB costs a disk or an
-    /// object store about what 4 KiB does, and neighbours are often next.
+    /// within its chunk): fetching 32 KiB costs a disk or an object store
+    /// about what 4 KiB does, and neighbours are often next. From a store
+    /// that caches reads itself (local files) only the blocks asked for are
+    /// decrypted, since the rest stay in the page cache; from a remote
+    /// store the whole window is decrypted and cached.
     pub read_around: u32,
 }
 
@@ -281,15 +285,17 @@ impl Image {
     }
 
     /// Reads the aligned window of `around` blocks holding `start..stop`
-    /// (clipped to the chunk and the image), caches it, and copies out what
-    /// was asked for.
+    /// (clipped to the chunk and the image) and copies out what was asked
+    /// for. The neighbours are decrypted and cached only when nothing below
+    /// keeps their ciphertext.
     fn fetch_around(&self, chunk: u64, start: u64, stop: u64, out: &mut [u8], around: u64) -> Result<(), Error> {
         let per_chunk = u64::from(self.geometry.blocks_per_chunk);
         let chunk_end = chunk * per_chunk + self.geometry.blocks_in_chunk(chunk);
         let window_start = (start / around * around).max(chunk * per_chunk);
         let window_stop = (stop.div_ceil(around) * around).min(chunk_end);
         let mut window = vec![0u8; (window_stop - window_start) as usize * BLOCK_SIZE];
-        match self.fetch_run(chunk, window_start, window_stop, &mut window, true) {
+        let open = if self.store.caches_reads() { start..stop } else { window_start..window_stop };
+        match self.fetch_window(chunk, window_start..window_stop, open, &mut window, true) {
             Ok(()) => {
                 let at = (start - window_start) as usize * BLOCK_SIZE;
                 out.copy_from_slice(window.get(at..at + out.len()).ok_or(Error::Crypto("read buffer arithmetic"))?);
@@ -305,31 +311,46 @@ impl Image {
     /// Reads blocks `start..stop` of one chunk from the store into `out`,
     /// checking each, and caches them if asked.
     fn fetch_run(&self, chunk: u64, start: u64, stop: u64, out: &mut [u8], cache: bool) -> Result<(), Error> {
+        self.fetch_window(chunk, start..stop, start..stop, out, cache)
+    }
+
+    /// Reads the ciphertext of blocks `window` of one chunk from the store
+    /// into `out`, then decrypts and checks the blocks `open` (within
+    /// `window`) in place, and caches those if asked. The rest of `out` is
+    /// left as ciphertext.
+    fn fetch_window(
+        &self,
+        chunk: u64,
+        window: Range<u64>,
+        open: Range<u64>,
+        out: &mut [u8],
+        cache: bool,
+    ) -> Result<(), Error> {
         let _objects = self.objects.read().unwrap_or_else(|p| p.into_inner());
         let chunk_ref = self.chunk_ref(chunk)?;
         if chunk_ref.generation == 0 {
             out.fill(0);
             return Ok(());
         }
-        let table = self.table(chunk, chunk_ref, start)?;
+        let table = self.table(chunk, chunk_ref, open.start)?;
         let per_chunk = u64::from(self.geometry.blocks_per_chunk);
         let name = format::chunk_object(chunk, chunk_ref.generation);
         let data_start = format::meta_table_len(self.geometry.blocks_per_chunk) as u64;
-        let from = data_start + (start - chunk * per_chunk) * BLOCK_SIZE_U64;
+        let from = data_start + (window.start - chunk * per_chunk) * BLOCK_SIZE_U64;
         let read = self
             .store
             .get_range_into(&name, from, out)
-            .map_err(|source| self.block_store_error(start, &name, source))?;
+            .map_err(|source| self.block_store_error(open.start, &name, source))?;
         self.fetched.fetch_add(read as u64, Ordering::Relaxed);
         let complete = (read / BLOCK_SIZE) as u64;
-        for block in start..stop {
-            if block - start >= complete {
+        for block in open.clone() {
+            if block - window.start >= complete {
                 return Err(Error::Integrity {
                     block,
                     reason: format!("its chunk object {name} ends before it: the image was truncated"),
                 });
             }
-            let at = (block - start) as usize * BLOCK_SIZE;
+            let at = (block - window.start) as usize * BLOCK_SIZE;
             let slot = out.get_mut(at..at + BLOCK_SIZE).ok_or(Error::Crypto("read buffer arithmetic"))?;
             let entry = table.entry((block - chunk * per_chunk) as usize).ok_or(Error::Crypto("table arithmetic"))?;
             if !self.keys.open_block(&self.geometry.image_id, block, entry, slot) {
@@ -344,9 +365,9 @@ impl Image {
         if cache {
             let mut state = self.lock();
             if state.manifest.chunks.get(chunk as usize) == Some(&chunk_ref) {
-                for block in start..stop {
+                for block in open {
                     if !state.dirty.contains_key(&block) && !state.committing.contains_key(&block) {
-                        let at = (block - start) as usize * BLOCK_SIZE;
+                        let at = (block - window.start) as usize * BLOCK_SIZE;
                         if let Some(data) = out.get(at..at + BLOCK_SIZE) {
                             state.blocks.put(block, data.into());
                         }

@@ -65,6 +65,11 @@ pub trait Store: Send + Sync + 'static {
     fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
     /// Where the image is, for messages.
     fn describe(&self) -> String;
+    /// Whether bytes read once are kept below this store (the kernel's page
+    /// cache keeps a local file's), so that reading them again is cheap.
+    fn caches_reads(&self) -> bool {
+        false
+    }
 }
 
 /// An image in a local directory: one file per object.
@@ -258,6 +263,9 @@ impl Store for LocalStore {
 
     fn describe(&self) -> String {
         self.root.display().to_string()
+    }
+    fn caches_reads(&self) -> bool {
+        true
     }
 }
 

@@ -153,6 +153,64 @@ fn a_flipped_byte_fails_the_block_it_is_in() {
 }
 
 #[test]
+fn a_missed_read_fetches_its_window_and_decrypts_what_nothing_below_keeps() {
+    let options = OpenOptions { cache_blocks: 64, ..SMALL };
+    let (dir, image) = fresh();
+    image.write_at(0, &(0..16).flat_map(block_of).collect::<Vec<u8>>()).unwrap();
+    image.commit().unwrap();
+    drop(image);
+    let cached = |image: &Image| -> Vec<u64> {
+        let mut blocks: Vec<u64> = image.lock().blocks.iter().map(|(block, _)| *block).collect();
+        blocks.sort_unstable();
+        blocks
+    };
+
+    // A local file's ciphertext stays in the page cache: only the block
+    // asked for is decrypted.
+    let local = Image::open(Arc::new(LocalStore::open(dir.path())), &key(), options.clone()).unwrap();
+    let before = local.fetched_bytes();
+    assert_eq!(read_block(&local, 11).unwrap(), block_of(11));
+    let window_and_table = 8 * BLOCK_SIZE_U64 + format::meta_table_len(8) as u64;
+    assert_eq!(local.fetched_bytes() - before, window_and_table, "the whole window is fetched");
+    assert_eq!(cached(&local), [11]);
+
+    // A store that keeps nothing below it (Failing, with writes to spare):
+    // the whole window is decrypted and cached.
+    let remote = Failing { inner: LocalStore::open(dir.path()), allowed: AtomicUsize::new(usize::MAX) };
+    let remote = Image::open(Arc::new(remote), &key(), options).unwrap();
+    let before = remote.fetched_bytes();
+    assert_eq!(read_block(&remote, 11).unwrap(), block_of(11));
+    assert_eq!(remote.fetched_bytes() - before, window_and_table);
+    assert_eq!(cached(&remote), (8..16).collect::<Vec<u64>>());
+    for block in 8..16 {
+        assert_eq!(read_block(&remote, block).unwrap(), block_of(block as u8));
+    }
+}
+
+#[test]
+fn a_bad_neighbour_in_the_window_fails_only_its_own_reads() {
+    for caches_reads in [true, false] {
+        let (dir, image) = fresh();
+        image.write_at(0, &vec![5u8; 16 * BLOCK_SIZE]).unwrap();
+        image.commit().unwrap();
+        let path = object_of(dir.path(), &image, 13);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[data_offset(13) + 7] ^= 0x01;
+        std::fs::write(&path, &bytes).unwrap();
+        drop(image);
+        let store: Arc<dyn Store> = if caches_reads {
+            Arc::new(LocalStore::open(dir.path()))
+        } else {
+            Arc::new(Failing { inner: LocalStore::open(dir.path()), allowed: AtomicUsize::new(usize::MAX) })
+        };
+        let image = Image::open(store, &key(), SMALL).unwrap();
+        assert_eq!(read_block(&image, 12).unwrap(), block_of(5), "caches_reads {caches_reads}");
+        assert_integrity_error(read_block(&image, 13), 13);
+        assert_eq!(read_block(&image, 14).unwrap(), block_of(5), "caches_reads {caches_reads}");
+    }
+}
+
+#[test]
 fn a_flipped_byte_in_a_metadata_table_fails_its_chunk() {
     let (dir, image) = fresh();
     image.write_at(8 * BLOCK_SIZE_U64, &vec![5u8; 8 * BLOCK_SIZE]).unwrap();
