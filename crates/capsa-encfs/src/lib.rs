@@ -21,6 +21,11 @@
 //! - [`fuse`], [`loopdev`] and [`mount`]: the image as one file on a FUSE
 //!   mount, a loop device over that file, and ext4 on the loop device, the
 //!   same on a developer's host and in the guest.
+//! - [`ext4`]: a read-only reader of the ext4 filesystem inside an image, by
+//!   inode number with random access into files, and [`files`], which serves
+//!   it over FUSE, so that a read-only volume needs neither a loop device nor
+//!   the kernel's ext4 (one FUSE hop instead of two, measured in
+//!   docs/BENCHMARKS.md).
 //!
 //! Why a block image and not per-file encryption (gocryptfs, Gramine's
 //! protected files) or LUKS2: a block image hides the tree's shape; ext4 gives
@@ -32,6 +37,8 @@
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
 
+pub mod ext4;
+pub mod files;
 pub mod format;
 pub mod fuse;
 pub mod image;

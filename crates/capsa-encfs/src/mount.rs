@@ -1,6 +1,8 @@
 //! An image mounted as a filesystem: the FUSE device, a loop device over its
-//! file, ext4 on the loop device. Used by `capsa encfs mount` on a host and by
-//! the agent in the guest; both need root (mount(2), /dev/loop-control).
+//! file, ext4 on the loop device; or, read-only, its files served over FUSE
+//! by capsa's own ext4 reader ([`crate::files`]). Used by `capsa encfs mount`
+//! on a host and by the agent in the guest; both need root (mount(2),
+//! /dev/loop-control).
 
 use std::fs::OpenOptions as FileOptions;
 use std::os::unix::fs::DirBuilderExt;
@@ -11,6 +13,7 @@ use std::time::Duration;
 
 use rustix::mount::{MountFlags, UnmountFlags};
 
+use crate::files::{FileServer, MountedFiles};
 use crate::fuse::MountedDevice;
 use crate::loopdev::LoopDevice;
 use crate::{Error, Volume};
@@ -99,18 +102,47 @@ impl Drop for Device {
     }
 }
 
-/// An image mounted as ext4 on `target`.
+/// An image mounted as a filesystem on `target`.
 pub struct Mounted {
-    device: Option<Device>,
-    loop_device: LoopDevice,
+    via: Via,
     target: PathBuf,
-    mounted: bool,
+}
+
+/// How a mount reaches the image.
+enum Via {
+    /// The kernel's ext4 on a loop device over the image's FUSE file.
+    Kernel { device: Option<Device>, loop_device: LoopDevice, mounted: bool },
+    /// The image's files over FUSE, read by [`crate::ext4`].
+    Files(Option<MountedFiles>),
 }
 
 impl Mounted {
-    /// Mounts `image` on `target` (an existing directory), with its device
-    /// in a private directory under `work`.
+    /// Mounts `image` on `target` (an existing directory). A read-only image
+    /// whose ext4 capsa's reader accepts is served file by file; anything
+    /// else, or what the reader refuses, goes through the kernel's ext4 on a
+    /// loop device, with the FUSE device in a private directory under `work`.
     pub fn mount(image: Arc<dyn Volume>, target: &Path, work: &Path) -> Result<Self, MountError> {
+        if image.read_only() {
+            match FileServer::new(image.clone()) {
+                Ok(server) => {
+                    let files = MountedFiles::mount(server, target).map_err(step(format!(
+                        "mounting the image's files on {} (is /dev/fuse there?)",
+                        target.display()
+                    )))?;
+                    return Ok(Self { via: Via::Files(Some(files)), target: target.to_path_buf() });
+                }
+                Err(e) => {
+                    tracing::info!(error = %e, "capsa's ext4 reader declined the image: mounting it through the kernel")
+                }
+            }
+        }
+        Self::mount_through_kernel(image, target, work)
+    }
+
+    /// Mounts `image` on `target` through the kernel's ext4 on a loop device
+    /// even if it is read-only: for what only the kernel serves (extended
+    /// attributes), and to compare.
+    pub fn mount_through_kernel(image: Arc<dyn Volume>, target: &Path, work: &Path) -> Result<Self, MountError> {
         let read_only = image.read_only();
         let device = Device::serve(image, work)?;
         let disk = FileOptions::new()
@@ -144,9 +176,14 @@ impl Mounted {
         // The mount (or its failure) settles who holds the device: from here
         // it detaches when the filesystem is unmounted.
         loop_device.let_go();
-        let mut this = Self { device: Some(device), loop_device, target: target.to_path_buf(), mounted: false };
+        let mut this = Self {
+            via: Via::Kernel { device: Some(device), loop_device, mounted: false },
+            target: target.to_path_buf(),
+        };
         mounted?;
-        this.mounted = true;
+        if let Via::Kernel { mounted, .. } = &mut this.via {
+            *mounted = true;
+        }
         Ok(this)
     }
 
@@ -155,15 +192,22 @@ impl Mounted {
         &self.target
     }
 
-    /// The loop device under the filesystem.
-    pub fn loop_device(&self) -> &Path {
-        self.loop_device.path()
+    /// The loop device under the filesystem, if it goes through the kernel's
+    /// ext4.
+    pub fn loop_device(&self) -> Option<&Path> {
+        match &self.via {
+            Via::Kernel { loop_device, .. } => Some(loop_device.path()),
+            Via::Files(_) => None,
+        }
     }
 
     /// Whether the filesystem is still mounted (someone may have unmounted
     /// it by hand).
     pub fn still_mounted(&self) -> bool {
-        self.loop_device.attached()
+        match &self.via {
+            Via::Kernel { loop_device, .. } => loop_device.attached(),
+            Via::Files(files) => files.as_ref().is_some_and(MountedFiles::still_mounted),
+        }
     }
 
     /// Unmounts the filesystem, then commits and unmounts the device.
@@ -172,23 +216,34 @@ impl Mounted {
     }
 
     fn finish(&mut self) -> Result<(), MountError> {
-        if self.mounted {
-            self.mounted = false;
-            if let Err(e) = rustix::mount::unmount(&self.target, UnmountFlags::empty()) {
-                if e != rustix::io::Errno::INVAL {
-                    // Busy: detach it now, finish when the last user leaves;
-                    // the loop device keeps the image open until then.
-                    tracing::warn!(target = %self.target.display(), error = %e, "unmount busy; detaching lazily");
-                    let _ = rustix::mount::unmount(&self.target, UnmountFlags::DETACH);
+        match &mut self.via {
+            Via::Files(files) => {
+                if let Some(files) = files.take() {
+                    files.unmount();
+                }
+                Ok(())
+            }
+            Via::Kernel { device, loop_device, mounted } => {
+                if *mounted {
+                    *mounted = false;
+                    if let Err(e) = rustix::mount::unmount(&self.target, UnmountFlags::empty()) {
+                        if e != rustix::io::Errno::INVAL {
+                            // Busy: detach it now, finish when the last user
+                            // leaves; the loop device keeps the image open
+                            // until then.
+                            tracing::warn!(target = %self.target.display(), error = %e, "unmount busy; detaching lazily");
+                            let _ = rustix::mount::unmount(&self.target, UnmountFlags::DETACH);
+                        }
+                    }
+                }
+                if !loop_device.wait_detached(Duration::from_secs(30)) {
+                    tracing::warn!(device = %loop_device.path().display(), "the loop device is still attached");
+                }
+                match device.take() {
+                    Some(device) => device.close(),
+                    None => Ok(()),
                 }
             }
-        }
-        if !self.loop_device.wait_detached(Duration::from_secs(30)) {
-            tracing::warn!(device = %self.loop_device.path().display(), "the loop device is still attached");
-        }
-        match self.device.take() {
-            Some(device) => device.close(),
-            None => Ok(()),
         }
     }
 }

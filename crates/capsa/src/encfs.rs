@@ -85,9 +85,15 @@ pub(crate) struct MountArgs {
     /// The 32-byte key.
     #[arg(long)]
     key_file: PathBuf,
-    /// Mount read-only.
+    /// Mount read-only. Its files are then served by capsa's own ext4 reader,
+    /// without a loop device, when the reader accepts the filesystem.
     #[arg(long)]
     read_only: bool,
+    /// Mount through the kernel's ext4 on a loop device even when read-only:
+    /// it serves extended attributes (ACLs, file capabilities), which
+    /// capsa's reader does not.
+    #[arg(long)]
+    kernel_ext4: bool,
     /// Plaintext cache, in MiB.
     #[arg(long, default_value_t = 64)]
     cache_mib: usize,
@@ -232,13 +238,13 @@ fn mount_image(args: MountArgs) -> anyhow::Result<()> {
     } else {
         Some(image.start_writeback(Duration::from_secs(args.writeback_secs.max(1))).context("the writeback thread")?)
     };
-    let mounted = Mounted::mount(image.clone(), &args.dir, &args.work_dir)?;
+    let mounted = mount_volume(image.clone(), &args)?;
     let _ = writeln!(
         std::io::stderr(),
         "capsa encfs: {} mounted on {} ({}{}); Ctrl-C or `umount {}` unmounts",
         args.image,
         args.dir.display(),
-        mounted.loop_device().display(),
+        served_by(&mounted),
         if args.read_only { ", read-only" } else { "" },
         args.dir.display()
     );
@@ -256,6 +262,22 @@ fn mount_image(args: MountArgs) -> anyhow::Result<()> {
         image.generation()
     );
     Ok(())
+}
+
+fn mount_volume(volume: Arc<dyn capsa_encfs::Volume>, args: &MountArgs) -> anyhow::Result<Mounted> {
+    Ok(if args.kernel_ext4 {
+        Mounted::mount_through_kernel(volume, &args.dir, &args.work_dir)?
+    } else {
+        Mounted::mount(volume, &args.dir, &args.work_dir)?
+    })
+}
+
+/// What serves a mount's files, for the message that says it is mounted.
+fn served_by(mounted: &Mounted) -> String {
+    match mounted.loop_device() {
+        Some(device) => format!("ext4 on {}", device.display()),
+        None => "files served by capsa's ext4 reader".into(),
+    }
 }
 
 fn check(args: CheckArgs) -> anyhow::Result<()> {
@@ -312,14 +334,14 @@ fn open_luks(location: &str, luks: LuksLocation, key_file: &Path) -> anyhow::Res
 fn mount_luks(args: MountArgs, luks: LuksLocation) -> anyhow::Result<()> {
     let volume = open_luks(&args.image, luks, &args.key_file)?;
     let keyslot = volume.keyslot();
-    let mounted = Mounted::mount(Arc::new(volume), &args.dir, &args.work_dir)?;
+    let mounted = mount_volume(Arc::new(volume), &args)?;
     let _ = writeln!(
         std::io::stderr(),
         "capsa encfs: {} (LUKS2, keyslot {keyslot}) mounted on {} ({}, read-only{}); LUKS2 has no integrity protection: \
          changed sectors read as garbage, undetected; Ctrl-C or `umount {}` unmounts",
         args.image,
         args.dir.display(),
-        mounted.loop_device().display(),
+        served_by(&mounted),
         if args.read_only { "" } else { ": capsa does not write LUKS2 images" },
         args.dir.display()
     );
