@@ -27,9 +27,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use fuser::{
-    Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
-    LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyXattr, Request,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
+    MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyXattr, Request,
 };
 use lru::LruCache;
 
@@ -287,18 +287,8 @@ impl MountedFiles {
     /// Mounts `server` on `target` (an existing directory), served by two
     /// threads.
     pub fn mount(server: FileServer, target: &Path) -> Result<Self, std::io::Error> {
-        let mut config = Config::default();
-        config.mount_options = vec![
-            MountOption::FSName("capsa-encfs".into()),
-            MountOption::Subtype("capsa-encfs".into()),
-            MountOption::RO,
-            MountOption::NoDev,
-            MountOption::NoSuid,
-            MountOption::DefaultPermissions,
-        ];
+        let mut config = crate::fuse::serving_config([MountOption::RO, MountOption::DefaultPermissions]);
         config.acl = fuser::SessionACL::All;
-        config.n_threads = Some(2);
-        config.clone_fd = true;
         let session = fuser::spawn_mount(server, target, &config)?;
         Ok(Self { session: Some(session) })
     }

@@ -248,6 +248,23 @@ fn libc_accmode() -> i32 {
     rustix::fs::OFlags::ACCMODE.bits() as i32
 }
 
+/// How capsa-encfs' FUSE mounts are named and served: never device nodes
+/// nor setuid, two serving threads with a queue each; `options` adds the
+/// rest.
+pub(crate) fn serving_config(options: impl IntoIterator<Item = MountOption>) -> Config {
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName("capsa-encfs".into()),
+        MountOption::Subtype("capsa-encfs".into()),
+        MountOption::NoDev,
+        MountOption::NoSuid,
+    ];
+    config.mount_options.extend(options);
+    config.n_threads = Some(2);
+    config.clone_fd = true;
+    config
+}
+
 /// A mounted [`ImageDevice`]: dropping it commits what is dirty and
 /// unmounts.
 pub struct MountedDevice {
@@ -260,17 +277,8 @@ impl MountedDevice {
     /// Mounts the image's device on `dir` (an empty directory), served by
     /// two threads.
     pub fn mount(image: Arc<dyn Volume>, dir: &Path) -> Result<Self, std::io::Error> {
-        let mut config = Config::default();
-        config.mount_options = vec![
-            MountOption::FSName("capsa-encfs".into()),
-            MountOption::Subtype("capsa-encfs".into()),
-            MountOption::NoDev,
-            MountOption::NoSuid,
-            MountOption::NoExec,
-            if image.read_only() { MountOption::RO } else { MountOption::RW },
-        ];
-        config.n_threads = Some(2);
-        config.clone_fd = true;
+        let config =
+            serving_config([MountOption::NoExec, if image.read_only() { MountOption::RO } else { MountOption::RW }]);
         let session = fuser::spawn_mount(ImageDevice::new(image.clone()), dir, &config)?;
         Ok(Self { session: Some(session), image, disk: dir.join(DISK_FILE) })
     }
