@@ -114,6 +114,7 @@ impl Image {
             return Err(Error::Format(format!("an image holds 4 KiB to 16 TiB, not {size} bytes")));
         }
         format::check_blocks_per_chunk(blocks_per_chunk)?;
+        claim_writer(&*store)?;
         match store.size(MANIFEST_OBJECT) {
             Err(StoreError::NotFound) => {}
             Ok(_) => return Err(Error::Exists(store.describe())),
@@ -146,6 +147,7 @@ impl Image {
         let manifest = Manifest::decode(&bytes, &keys)?;
         let image = Self::with(store, keys, manifest, options);
         if !image.options.read_only {
+            claim_writer(&*image.store)?;
             image.sweep()?;
         }
         Ok(image)
@@ -809,6 +811,15 @@ pub fn remove(store: &dyn Store) {
 struct Committed {
     manifest: Manifest,
     superseded: Vec<String>,
+}
+
+/// Claims `store` for this image's one writer (see [`Store::claim_writer`]).
+fn claim_writer(store: &dyn Store) -> Result<(), Error> {
+    match store.claim_writer() {
+        Ok(()) => Ok(()),
+        Err(StoreError::WriterPresent) => Err(Error::InUse(store.describe())),
+        Err(source) => Err(store_error(store, "(the writer's lock)", source)),
+    }
 }
 
 fn store_error(store: &dyn Store, object: &str, source: StoreError) -> Error {

@@ -127,6 +127,11 @@ pub enum Error {
     /// An image already exists where one was to be created.
     #[error("{0}: an image already exists there; choose another place, or delete it first")]
     Exists(String),
+    /// Another process has the image open read-write.
+    #[error(
+        "{0}: the image is open read-write elsewhere (a `capsa encfs mount` or a sandbox); unmount it there first, or open it read-only"
+    )]
+    InUse(String),
     /// No image where one was to be opened.
     #[error("{0}: no capsa encfs image there (no manifest)")]
     NotAnImage(String),

@@ -23,6 +23,9 @@ pub enum StoreError {
     /// An object store's own error, as text (it may name the URL).
     #[error("{0}")]
     Remote(String),
+    /// Another process has the image open read-write.
+    #[error("another process has it open read-write")]
+    WriterPresent,
 }
 
 /// The objects of one image. Names are relative (`manifest`,
@@ -65,6 +68,15 @@ pub trait Store: Send + Sync + 'static {
     fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
     /// Where the image is, for messages.
     fn describe(&self) -> String;
+    /// Claims the store for this process's one writer, until the store is
+    /// dropped. Two writers would each remove, at open, the objects the
+    /// other's commit is about to name, and the image would lose them.
+    /// Object stores have no lock to take and accept every claim: one
+    /// writer per remote image is the deployer's to ensure
+    /// (docs/encfs.md).
+    fn claim_writer(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Whether bytes read once are kept below this store (the kernel's page
     /// cache keeps a local file's), so that reading them again is cheap.
     fn caches_reads(&self) -> bool {
@@ -78,6 +90,8 @@ pub struct LocalStore {
     /// Open chunk files: a 4 KiB random read should cost one pread, not an
     /// open and a close as well.
     open: Mutex<HashMap<String, Arc<File>>>,
+    /// The image directory, held with an exclusive `flock` by a writer.
+    writer: Mutex<Option<File>>,
 }
 
 const MAX_OPEN_FILES: usize = 512;
@@ -91,7 +105,7 @@ impl LocalStore {
 
     /// The store in an existing directory.
     pub fn open(root: &Path) -> Self {
-        Self { root: root.to_path_buf(), open: Mutex::new(HashMap::new()) }
+        Self { root: root.to_path_buf(), open: Mutex::new(HashMap::new()), writer: Mutex::new(None) }
     }
 
     fn path(&self, name: &str) -> Result<PathBuf, StoreError> {
@@ -264,6 +278,24 @@ impl Store for LocalStore {
     fn describe(&self) -> String {
         self.root.display().to_string()
     }
+    fn claim_writer(&self) -> Result<(), StoreError> {
+        let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        if writer.is_some() {
+            return Ok(());
+        }
+        // The lock is on the directory itself, so the image holds no lock
+        // file, and the kernel drops it when the writer's process dies.
+        let dir = File::open(&self.root)?;
+        match rustix::fs::flock(&dir, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {
+                *writer = Some(dir);
+                Ok(())
+            }
+            Err(rustix::io::Errno::WOULDBLOCK) => Err(StoreError::WriterPresent),
+            Err(e) => Err(StoreError::Io(e.into())),
+        }
+    }
+
     fn caches_reads(&self) -> bool {
         true
     }

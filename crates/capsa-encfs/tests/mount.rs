@@ -195,6 +195,9 @@ fn read_only_files_served_by_capsa_match_the_kernels_ext4() {
     std::fs::create_dir_all(&target).unwrap();
     let files = Mounted::mount(open(), &target, &dir.path().join("run")).unwrap();
     assert!(files.loop_device().is_none(), "a read-only image is served by capsa's reader");
+    let dev = rustix::fs::stat(&target).unwrap().st_dev;
+    let readahead = format!("/sys/class/bdi/{}:{}/read_ahead_kb", rustix::fs::major(dev), rustix::fs::minor(dev));
+    assert_eq!(std::fs::read_to_string(readahead).unwrap().trim(), "1024", "streamed reads come in 1 MiB requests");
     let served = survey(&target);
     assert_eq!(std::fs::read(target.join("big.bin")).unwrap(), pattern(3 << 20));
     let mut sparse = vec![0u8; 40 << 20];

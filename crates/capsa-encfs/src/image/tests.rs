@@ -136,6 +136,22 @@ fn another_key_and_another_store_are_refused_clearly() {
 }
 
 #[test]
+fn a_second_writer_is_refused_until_the_first_is_gone() {
+    let (dir, image) = fresh();
+    image.write_at(0, &block_of(7)).unwrap();
+    image.commit().unwrap();
+    let e = Image::open(Arc::new(LocalStore::open(dir.path())), &key(), SMALL).err().unwrap();
+    assert!(matches!(e, Error::InUse(_)), "{e}");
+    assert!(e.to_string().contains("open read-write elsewhere"), "{e}");
+    let reader =
+        Image::open(Arc::new(LocalStore::open(dir.path())), &key(), OpenOptions { read_only: true, ..SMALL }).unwrap();
+    assert_eq!(read_block(&reader, 0).unwrap(), block_of(7));
+    drop(image);
+    let writer = reopen(dir.path());
+    assert_eq!(read_block(&writer, 0).unwrap(), block_of(7));
+}
+
+#[test]
 fn a_flipped_byte_fails_the_block_it_is_in() {
     let (dir, image) = fresh();
     image.write_at(0, &vec![5u8; 16 * BLOCK_SIZE]).unwrap();
@@ -147,6 +163,7 @@ fn a_flipped_byte_fails_the_block_it_is_in() {
     evict(&image);
     assert_integrity_error(read_block(&image, 3), 3);
     assert_eq!(read_block(&image, 2).unwrap(), block_of(5), "its neighbours still read");
+    drop(image);
     let reopened = reopen(dir.path());
     assert_integrity_error(read_block(&reopened, 3), 3);
     assert!(matches!(reopened.check(), Err(Error::Integrity { block: 3, .. })));
