@@ -114,12 +114,12 @@ impl Image {
             return Err(Error::Format(format!("an image holds 4 KiB to 16 TiB, not {size} bytes")));
         }
         format::check_blocks_per_chunk(blocks_per_chunk)?;
-        claim_writer(&*store)?;
         match store.size(MANIFEST_OBJECT) {
             Err(StoreError::NotFound) => {}
             Ok(_) => return Err(Error::Exists(store.describe())),
             Err(source) => return Err(store_error(&*store, MANIFEST_OBJECT, source)),
         }
+        claim_writer(&*store, true)?;
         let mut image_id = [0u8; 16];
         aws_lc_rs::rand::fill(&mut image_id).map_err(|_| Error::Crypto("the system random generator failed"))?;
         let geometry = Geometry { image_id, block_count, blocks_per_chunk };
@@ -137,9 +137,15 @@ impl Image {
     /// Opens the image in `store` with its key. Read-write opens also remove
     /// objects a crashed commit left behind.
     pub fn open(store: Arc<dyn Store>, key: &MasterKey, options: OpenOptions) -> Result<Self, Error> {
+        // A writer claims the image before it reads the manifest, so that
+        // what it reads is what no other writer will commit over.
+        if !options.read_only {
+            claim_writer(&*store, false)?;
+        }
         let bytes = match store.get(MANIFEST_OBJECT) {
             Ok(bytes) => bytes,
             Err(StoreError::NotFound) => return Err(Error::NotAnImage(store.describe())),
+            Err(StoreError::WriterPresent) => return Err(Error::InUse(store.describe())),
             Err(source) => return Err(store_error(&*store, MANIFEST_OBJECT, source)),
         };
         let header = ManifestHeader::peek(&bytes)?;
@@ -147,7 +153,6 @@ impl Image {
         let manifest = Manifest::decode(&bytes, &keys)?;
         let image = Self::with(store, keys, manifest, options);
         if !image.options.read_only {
-            claim_writer(&*image.store)?;
             image.sweep()?;
         }
         Ok(image)
@@ -814,9 +819,9 @@ struct Committed {
 }
 
 /// Claims `store` for this image's one writer (see [`Store::claim_writer`]).
-fn claim_writer(store: &dyn Store) -> Result<(), Error> {
-    match store.claim_writer() {
-        Ok(()) => Ok(()),
+fn claim_writer(store: &dyn Store, creating: bool) -> Result<(), Error> {
+    match store.claim_writer(MANIFEST_OBJECT, creating) {
+        Ok(()) | Err(StoreError::NotFound) => Ok(()),
         Err(StoreError::WriterPresent) => Err(Error::InUse(store.describe())),
         Err(source) => Err(store_error(store, "(the writer's lock)", source)),
     }

@@ -33,15 +33,17 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::ops::Range;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::mpsc::sync_channel;
+use std::sync::{Arc, Mutex};
 
 pub use object_store;
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
 use object_store::http::HttpBuilder;
 use object_store::path::Path;
-use object_store::{ClientConfigKey, ClientOptions, ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{
+    ClientConfigKey, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion,
+};
 use url::Url;
 
 use crate::store::{LocalStore, Store, StoreError};
@@ -526,6 +528,31 @@ pub struct RemoteStore {
     /// Shut down without waiting when dropped: it may be dropped inside
     /// another runtime, where a blocking shutdown panics.
     runtime: Option<tokio::runtime::Runtime>,
+    /// The object a writer claimed (see [`Store::claim_writer`]).
+    lease: Mutex<Option<Lease>>,
+}
+
+/// A writer's hold on the object it replaces to commit.
+struct Lease {
+    name: String,
+    /// The version this writer last wrote or read; `None` while the object
+    /// is still to be created.
+    version: Option<UpdateVersion>,
+    /// The store replaces objects on condition (Azure, S3; not plain HTTP).
+    conditional: bool,
+}
+
+/// What a PUT came to.
+enum Put {
+    /// Written; the object's new version, if the store gives one.
+    Done(Option<UpdateVersion>),
+    /// The store cannot do this kind of PUT (a condition, over plain HTTP).
+    Unsupported,
+}
+
+/// The version an object's e-tag and version id describe, if there is one.
+fn version_of(e_tag: Option<String>, version: Option<String>) -> Option<UpdateVersion> {
+    (e_tag.is_some() || version.is_some()).then_some(UpdateVersion { e_tag, version })
 }
 
 impl std::fmt::Debug for RemoteStore {
@@ -558,7 +585,15 @@ impl RemoteStore {
             .enable_all()
             .build()?;
         let handle = runtime.handle().clone();
-        Ok(Self { store, prefix, describe, secrets: Vec::new(), handle, runtime: Some(runtime) })
+        Ok(Self {
+            store,
+            prefix,
+            describe,
+            secrets: Vec::new(),
+            handle,
+            runtime: Some(runtime),
+            lease: Mutex::new(None),
+        })
     }
 
     fn path(&self, name: &str) -> Result<Path, StoreError> {
@@ -580,6 +615,48 @@ impl RemoteStore {
         rx.recv().map_err(|_| StoreError::Remote(format!("{}: the request was abandoned", self.describe)))
     }
 
+    fn lease(&self) -> std::sync::MutexGuard<'_, Option<Lease>> {
+        self.lease.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A whole object and its version.
+    fn get_versioned(&self, name: &str) -> Result<(Vec<u8>, Option<UpdateVersion>), StoreError> {
+        let path = self.path(name)?;
+        let store = self.store.clone();
+        let got = self.run(async move {
+            let result = store.get(&path).await?;
+            let version = version_of(result.meta.e_tag.clone(), result.meta.version.clone());
+            result.bytes().await.map(|bytes| (bytes.to_vec(), version))
+        })?;
+        got.map_err(|e| self.error("get", name, e))
+    }
+
+    /// One PUT: atomic, and durable once acknowledged. A failed condition
+    /// is [`StoreError::WriterPresent`].
+    fn put_with(&self, name: &str, bytes: &[u8], mode: PutMode) -> Result<Put, StoreError> {
+        let path = self.path(name)?;
+        let store = self.store.clone();
+        let payload = PutPayload::from(bytes.to_vec());
+        let options = PutOptions { mode, ..PutOptions::default() };
+        let put = self.run(async move { store.put_opts(&path, payload, options).await })?;
+        match put {
+            Ok(result) => Ok(Put::Done(version_of(result.e_tag, result.version))),
+            Err(object_store::Error::Precondition { .. } | object_store::Error::AlreadyExists { .. }) => {
+                Err(StoreError::WriterPresent)
+            }
+            Err(object_store::Error::NotFound { .. }) => Err(self.missing_container("put", name)),
+            Err(object_store::Error::NotImplemented { .. }) => Ok(Put::Unsupported),
+            Err(e) => Err(self.error("put", name, e)),
+        }
+    }
+
+    fn warn_unconditional(&self) {
+        tracing::warn!(
+            location = %self.describe,
+            "this store cannot replace objects on condition: nothing stops a second writer of this image"
+        );
+    }
+
     fn error(&self, op: &str, name: &str, error: object_store::Error) -> StoreError {
         match error {
             object_store::Error::NotFound { .. } => StoreError::NotFound,
@@ -599,13 +676,15 @@ impl RemoteStore {
 
 impl Store for RemoteStore {
     fn get(&self, name: &str) -> Result<Vec<u8>, StoreError> {
-        let path = self.path(name)?;
-        let store = self.store.clone();
-        let got = self.run(async move {
-            let result = store.get(&path).await?;
-            result.bytes().await
-        })?;
-        got.map(|b| b.to_vec()).map_err(|e| self.error("get", name, e))
+        let (bytes, version) = self.get_versioned(name)?;
+        let lease = self.lease();
+        if let Some(lease) = lease.as_ref().filter(|lease| lease.name == name && lease.conditional) {
+            // What this writer reads of its lease must be what it last wrote.
+            if lease.version.is_some() && version != lease.version {
+                return Err(StoreError::WriterPresent);
+            }
+        }
+        Ok(bytes)
     }
 
     fn get_range(&self, name: &str, range: Range<u64>) -> Result<Vec<u8>, StoreError> {
@@ -632,16 +711,49 @@ impl Store for RemoteStore {
     }
 
     fn put(&self, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
-        // One PUT: atomic, and durable once acknowledged.
-        let path = self.path(name)?;
-        let store = self.store.clone();
-        let payload = PutPayload::from(bytes.to_vec());
-        let put = self.run(async move { store.put(&path, payload).await })?;
-        match put {
-            Ok(_) => Ok(()),
-            Err(object_store::Error::NotFound { .. }) => Err(self.missing_container("put", name)),
-            Err(e) => Err(self.error("put", name, e)),
+        let mut lease = self.lease();
+        match lease.as_mut().filter(|lease| lease.name == name && lease.conditional) {
+            Some(lease) => {
+                let mode = match &lease.version {
+                    Some(version) => PutMode::Update(version.clone()),
+                    None => PutMode::Create,
+                };
+                match self.put_with(name, bytes, mode)? {
+                    Put::Done(version) => lease.version = version,
+                    Put::Unsupported => {
+                        lease.conditional = false;
+                        self.warn_unconditional();
+                        self.put_with(name, bytes, PutMode::Overwrite)?;
+                    }
+                }
+                Ok(())
+            }
+            None => self.put_with(name, bytes, PutMode::Overwrite).map(drop),
         }
+    }
+
+    fn claim_writer(&self, lease: &str, creating: bool) -> Result<(), StoreError> {
+        let mut claim = Lease { name: lease.to_string(), version: None, conditional: true };
+        if !creating {
+            // Rewrite the object unchanged, on condition that it is still
+            // what was read: whoever held it before can no longer replace it.
+            let (bytes, version) = self.get_versioned(lease)?;
+            let Some(version) = version else {
+                self.warn_unconditional();
+                claim.conditional = false;
+                *self.lease() = Some(claim);
+                return Ok(());
+            };
+            match self.put_with(lease, &bytes, PutMode::Update(version))? {
+                Put::Done(version) => claim.version = version,
+                Put::Unsupported => {
+                    self.warn_unconditional();
+                    claim.conditional = false;
+                }
+            }
+        }
+        *self.lease() = Some(claim);
+        Ok(())
     }
 
     fn size(&self, name: &str) -> Result<u64, StoreError> {

@@ -23,8 +23,9 @@ pub enum StoreError {
     /// An object store's own error, as text (it may name the URL).
     #[error("{0}")]
     Remote(String),
-    /// Another process has the image open read-write.
-    #[error("another process has it open read-write")]
+    /// Another writer has the image: it holds the lock, or replaced the
+    /// object this writer last wrote.
+    #[error("another writer has the image open read-write")]
     WriterPresent,
 }
 
@@ -68,13 +69,19 @@ pub trait Store: Send + Sync + 'static {
     fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
     /// Where the image is, for messages.
     fn describe(&self) -> String;
-    /// Claims the store for this process's one writer, until the store is
-    /// dropped. Two writers would each remove, at open, the objects the
-    /// other's commit is about to name, and the image would lose them.
-    /// Object stores have no lock to take and accept every claim: one
-    /// writer per remote image is the deployer's to ensure
-    /// (docs/encfs.md).
-    fn claim_writer(&self) -> Result<(), StoreError> {
+    /// Claims the store for one writer, until the store is dropped. Two
+    /// writers would each remove, at open, the objects the other's commit is
+    /// about to name, and the image would lose them. `lease` is the object
+    /// the writer replaces to commit (the manifest); `creating` says that it
+    /// does not exist yet.
+    ///
+    /// A local directory is locked: a second claim fails with
+    /// [`StoreError::WriterPresent`]. An object store has no lock, so the
+    /// newest claim wins instead: it rewrites `lease` unchanged, and from
+    /// then on every replacement of `lease` is conditional on the last one,
+    /// so an older writer's next commit fails rather than naming objects
+    /// the newer one removed.
+    fn claim_writer(&self, _lease: &str, _creating: bool) -> Result<(), StoreError> {
         Ok(())
     }
     /// Whether bytes read once are kept below this store (the kernel's page
@@ -278,7 +285,7 @@ impl Store for LocalStore {
     fn describe(&self) -> String {
         self.root.display().to_string()
     }
-    fn claim_writer(&self) -> Result<(), StoreError> {
+    fn claim_writer(&self, _lease: &str, _creating: bool) -> Result<(), StoreError> {
         let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         if writer.is_some() {
             return Ok(());

@@ -137,3 +137,41 @@ async fn from_inside_an_async_runtime() {
     // Dropped on a runtime thread: must not panic.
     drop(store);
 }
+
+#[test]
+fn a_second_writer_takes_the_image_over_and_the_first_cannot_commit() {
+    use capsa_encfs::{BLOCK_SIZE, Error, Image, MasterKey, OpenOptions};
+    let Some(azurite) = Azurite::start() else { return };
+    azurite.create_container("shared");
+    let config = Config::from_vars(azurite.env());
+    let url = azurite.url("shared", "image");
+    let key = MasterKey::from_bytes(&[7; 32]).unwrap();
+    let block = |byte: u8| vec![byte; BLOCK_SIZE];
+
+    let first =
+        Image::create(config.create(&url).unwrap(), &key, 64 * BLOCK_SIZE as u64, 8, OpenOptions::default()).unwrap();
+    first.write_at(0, &block(1)).unwrap();
+    first.commit().unwrap();
+
+    // The second writer's open rewrites the manifest on condition: from then
+    // on the first one's commits are refused, before they name anything.
+    let second = Image::open(config.open(&url).unwrap(), &key, OpenOptions::default()).unwrap();
+    first.write_at(0, &block(2)).unwrap();
+    let refused = first.commit().unwrap_err();
+    assert!(refused.to_string().contains("another writer has the image open read-write"), "{refused}");
+    assert!(matches!(first.write_at(0, &block(3)), Err(Error::Failed(_))), "it takes no more writes");
+
+    let mut read = block(0);
+    second.read_at(0, &mut read).unwrap();
+    assert_eq!(read, block(1), "the second writer sees the last commit");
+    second.write_at(BLOCK_SIZE as u64, &block(4)).unwrap();
+    second.commit().unwrap();
+    drop((first, second));
+
+    let reader =
+        Image::open(config.open(&url).unwrap(), &key, OpenOptions { read_only: true, ..OpenOptions::default() })
+            .unwrap();
+    reader.check().unwrap();
+    reader.read_at(BLOCK_SIZE as u64, &mut read).unwrap();
+    assert_eq!(read, block(4));
+}

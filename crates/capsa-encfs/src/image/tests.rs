@@ -296,6 +296,7 @@ fn truncation_fails_the_first_block_cut_off() {
     std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(100).unwrap();
     evict(&image);
     assert_integrity_error(read_block(&image, 0), 0);
+    drop(image);
 
     let manifest = dir.path().join("manifest");
     let len = std::fs::metadata(&manifest).unwrap().len();
