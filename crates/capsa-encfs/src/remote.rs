@@ -719,7 +719,13 @@ impl Store for RemoteStore {
                     None => PutMode::Create,
                 };
                 match self.put_with(name, bytes, mode)? {
-                    Put::Done(version) => lease.version = version,
+                    Put::Done(Some(version)) => lease.version = Some(version),
+                    // Without a version there is nothing to write on
+                    // condition of next time.
+                    Put::Done(None) => {
+                        lease.conditional = false;
+                        self.warn_unconditional();
+                    }
                     Put::Unsupported => {
                         lease.conditional = false;
                         self.warn_unconditional();
@@ -745,8 +751,8 @@ impl Store for RemoteStore {
                 return Ok(());
             };
             match self.put_with(lease, &bytes, PutMode::Update(version))? {
-                Put::Done(version) => claim.version = version,
-                Put::Unsupported => {
+                Put::Done(Some(version)) => claim.version = Some(version),
+                Put::Done(None) | Put::Unsupported => {
                     self.warn_unconditional();
                     claim.conditional = false;
                 }
