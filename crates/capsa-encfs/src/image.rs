@@ -300,10 +300,17 @@ impl Image {
         let chunk_end = chunk * per_chunk + self.geometry.blocks_in_chunk(chunk);
         let window_start = (start / around * around).max(chunk * per_chunk);
         let window_stop = (stop.div_ceil(around) * around).min(chunk_end);
+        // When the blocks asked for are in the page cache, no disk read is
+        // due: read just these, and spare copying the rest of the window.
+        if self.store.caches_reads()
+            && self.fetch_window(chunk, start..stop, start..stop, out, true, Fetch::CachedOnly)?
+        {
+            return Ok(());
+        }
         let mut window = vec![0u8; (window_stop - window_start) as usize * BLOCK_SIZE];
         let open = if self.store.caches_reads() { start..stop } else { window_start..window_stop };
-        match self.fetch_window(chunk, window_start..window_stop, open, &mut window, true) {
-            Ok(()) => {
+        match self.fetch_window(chunk, window_start..window_stop, open, &mut window, true, Fetch::Always) {
+            Ok(_) => {
                 let at = (start - window_start) as usize * BLOCK_SIZE;
                 out.copy_from_slice(window.get(at..at + out.len()).ok_or(Error::Crypto("read buffer arithmetic"))?);
                 Ok(())
@@ -318,13 +325,14 @@ impl Image {
     /// Reads blocks `start..stop` of one chunk from the store into `out`,
     /// checking each, and caches them if asked.
     fn fetch_run(&self, chunk: u64, start: u64, stop: u64, out: &mut [u8], cache: bool) -> Result<(), Error> {
-        self.fetch_window(chunk, start..stop, start..stop, out, cache)
+        self.fetch_window(chunk, start..stop, start..stop, out, cache, Fetch::Always).map(drop)
     }
 
     /// Reads the ciphertext of blocks `window` of one chunk from the store
     /// into `out`, then decrypts and checks the blocks `open` (within
     /// `window`) in place, and caches those if asked. The rest of `out` is
-    /// left as ciphertext.
+    /// left as ciphertext. With [`Fetch::CachedOnly`] it reads only what
+    /// is in memory below the store, and returns false if that is not all.
     fn fetch_window(
         &self,
         chunk: u64,
@@ -332,22 +340,28 @@ impl Image {
         open: Range<u64>,
         out: &mut [u8],
         cache: bool,
-    ) -> Result<(), Error> {
+        fetch: Fetch,
+    ) -> Result<bool, Error> {
         let _objects = self.objects.read().unwrap_or_else(|p| p.into_inner());
         let chunk_ref = self.chunk_ref(chunk)?;
         if chunk_ref.generation == 0 {
             out.fill(0);
-            return Ok(());
+            return Ok(true);
         }
         let table = self.table(chunk, chunk_ref, open.start)?;
         let per_chunk = u64::from(self.geometry.blocks_per_chunk);
         let name = format::chunk_object(chunk, chunk_ref.generation);
         let data_start = format::meta_table_len(self.geometry.blocks_per_chunk) as u64;
         let from = data_start + (window.start - chunk * per_chunk) * BLOCK_SIZE_U64;
-        let read = self
-            .store
-            .get_range_into(&name, from, out)
-            .map_err(|source| self.block_store_error(open.start, &name, source))?;
+        let read = match fetch {
+            Fetch::Always => self.store.get_range_into(&name, from, out),
+            Fetch::CachedOnly => match self.store.get_cached_range_into(&name, from, out) {
+                Ok(Some(read)) => Ok(read),
+                Ok(None) => return Ok(false),
+                Err(e) => Err(e),
+            },
+        }
+        .map_err(|source| self.block_store_error(open.start, &name, source))?;
         self.fetched.fetch_add(read as u64, Ordering::Relaxed);
         let complete = (read / BLOCK_SIZE) as u64;
         for block in open.clone() {
@@ -382,7 +396,7 @@ impl Image {
                 }
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     fn chunk_ref(&self, chunk: u64) -> Result<ChunkRef, Error> {
@@ -816,6 +830,14 @@ pub fn remove(store: &dyn Store) {
 struct Committed {
     manifest: Manifest,
     superseded: Vec<String>,
+}
+
+/// Whether a fetch may go out to the store's backing medium.
+#[derive(Clone, Copy)]
+enum Fetch {
+    Always,
+    /// Only bytes already in memory below the store (the page cache).
+    CachedOnly,
 }
 
 /// Claims `store` for this image's one writer (see [`Store::claim_writer`]).

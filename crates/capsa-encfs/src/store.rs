@@ -48,6 +48,12 @@ pub trait Store: Send + Sync + 'static {
         }
         Ok(n)
     }
+    /// Like [`Store::get_range_into`], but only from memory: `None` unless
+    /// every byte asked for is already cached below the store, so that the
+    /// caller can choose to fetch more than it needs when it must go out.
+    fn get_cached_range_into(&self, _name: &str, _offset: u64, _buf: &mut [u8]) -> Result<Option<usize>, StoreError> {
+        Ok(None)
+    }
     /// Replaces an object atomically and durably: readers see the old bytes
     /// or the new, and once this returns the new ones survive a crash.
     fn put(&self, name: &str, bytes: &[u8]) -> Result<(), StoreError>;
@@ -285,6 +291,24 @@ impl Store for LocalStore {
     fn describe(&self) -> String {
         self.root.display().to_string()
     }
+    fn get_cached_range_into(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<Option<usize>, StoreError> {
+        let file = self.file(name)?;
+        let wanted = buf.len();
+        // RWF_NOWAIT: the page cache's bytes or EAGAIN, never a disk read.
+        match rustix::io::preadv2(
+            &*file,
+            &mut [std::io::IoSliceMut::new(buf)],
+            offset,
+            rustix::io::ReadWriteFlags::NOWAIT,
+        ) {
+            Ok(n) if n == wanted => Ok(Some(n)),
+            // Partly cached, past the end, or a kernel without RWF_NOWAIT for
+            // this file: the ordinary read decides.
+            Ok(_) | Err(rustix::io::Errno::AGAIN | rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::INTR) => Ok(None),
+            Err(e) => Err(StoreError::Io(e.into())),
+        }
+    }
+
     fn claim_writer(&self, _lease: &str, _creating: bool) -> Result<(), StoreError> {
         let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         if writer.is_some() {
@@ -330,5 +354,28 @@ mod tests {
         assert!(store.get("../escape").is_err());
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names.len(), 2, "no temporary files are left: {names:?}");
+    }
+
+    #[test]
+    fn a_cached_read_comes_from_memory_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::create(dir.path()).unwrap();
+        let bytes: Vec<u8> = (0..=255u8).cycle().take(64 << 10).collect();
+        store.put_new("chunks/0-1", &bytes).unwrap();
+        let mut buf = vec![0u8; 4096];
+        assert_eq!(store.get_cached_range_into("chunks/0-1", 8192, &mut buf).unwrap(), Some(4096), "just written");
+        assert_eq!(buf, bytes[8192..12288]);
+        assert_eq!(store.get_cached_range_into("chunks/0-1", 62 << 10, &mut buf).unwrap(), None, "past the end");
+        assert!(matches!(store.get_cached_range_into("chunks/9-9", 0, &mut buf), Err(StoreError::NotFound)));
+
+        // Written back and dropped from the page cache: only a disk read has it.
+        let file = File::open(dir.path().join("chunks/0-1")).unwrap();
+        file.sync_all().unwrap();
+        rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        let in_memory = rustix::fs::statfs(dir.path()).unwrap().f_type == 0x0102_1994; // tmpfs keeps its pages
+        if !in_memory {
+            assert_eq!(store.get_cached_range_into("chunks/0-1", 8192, &mut buf).unwrap(), None, "evicted");
+        }
+        assert_eq!(store.get_range("chunks/0-1", 8192..12288).unwrap(), bytes[8192..12288]);
     }
 }
