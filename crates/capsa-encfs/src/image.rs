@@ -495,17 +495,19 @@ impl Image {
             let block_start = block * BLOCK_SIZE_U64;
             let within = offset.max(block_start) - block_start;
             let take = ((BLOCK_SIZE_U64 - within).min(end - block_start - within)) as usize;
-            let mut buf: Box<[u8]> = if take == BLOCK_SIZE {
-                vec![0u8; BLOCK_SIZE].into_boxed_slice()
-            } else if block == first && head.is_some() {
+            let source = data.get(consumed..consumed + take).ok_or(Error::Crypto("write arithmetic"))?;
+            consumed += take;
+            if take == BLOCK_SIZE {
+                updates.push((block, Box::from(source)));
+                continue;
+            }
+            let mut buf: Box<[u8]> = if block == first && head.is_some() {
                 head.clone().unwrap_or_default().into_boxed_slice()
             } else {
                 tail.clone().unwrap_or_default().into_boxed_slice()
             };
-            let source = data.get(consumed..consumed + take).ok_or(Error::Crypto("write arithmetic"))?;
             let within = within as usize;
             buf.get_mut(within..within + take).ok_or(Error::Crypto("write arithmetic"))?.copy_from_slice(source);
-            consumed += take;
             updates.push((block, buf));
         }
         let dirty_bytes = {
@@ -682,7 +684,11 @@ impl Image {
         let first = chunk * per_chunk;
         let in_chunk = self.geometry.blocks_in_chunk(chunk);
         let table_len = format::meta_table_len(self.geometry.blocks_per_chunk);
-        let previous = if old.generation == 0 {
+        // A chunk rewritten whole (a stream, a file written over) keeps
+        // nothing of its old object: reading that would cost as much as
+        // writing the new one.
+        let rewritten_whole = dirty.range(first..first + in_chunk).count() as u64 == in_chunk;
+        let previous = if old.generation == 0 || rewritten_whole {
             None
         } else {
             let name = format::chunk_object(chunk, old.generation);

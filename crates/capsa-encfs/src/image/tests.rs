@@ -330,6 +330,25 @@ fn a_deleted_chunk_object_fails_its_blocks() {
 }
 
 #[test]
+fn a_chunk_rewritten_whole_never_reads_its_old_object() {
+    let (dir, image) = fresh();
+    image.write_at(0, &vec![1u8; 16 * BLOCK_SIZE]).unwrap();
+    image.commit().unwrap();
+    // Without their old objects, a commit can only build chunks that owe
+    // them nothing.
+    std::fs::remove_file(object_of(dir.path(), &image, 0)).unwrap();
+    std::fs::remove_file(object_of(dir.path(), &image, 8)).unwrap();
+    image.write_at(0, &vec![2u8; 8 * BLOCK_SIZE]).unwrap();
+    image.commit().unwrap();
+    evict(&image);
+    assert_eq!(read_block(&image, 7).unwrap(), block_of(2));
+
+    image.write_at(8 * BLOCK_SIZE_U64, &block_of(3)).unwrap();
+    let e = image.commit().unwrap_err();
+    assert!(e.to_string().contains("block 8"), "the partly rewritten chunk needs its old object: {e}");
+}
+
+#[test]
 fn an_older_block_replayed_during_a_mount_is_caught() {
     let (dir, image) = fresh();
     image.write_at(4 * BLOCK_SIZE_U64, &block_of(1)).unwrap();
