@@ -990,20 +990,9 @@ struct RawEntry<'b> {
 }
 
 /// Reads until `buf` is full or the volume ends; returns how much was read.
+/// One call does it: a [`Volume`] reads short only at its end.
 fn read_full(volume: &dyn Volume, offset: u64, buf: &mut [u8]) -> Result<usize, Ext4Error> {
-    let mut done = 0usize;
-    while let Some(rest) = buf.get_mut(done..) {
-        if rest.is_empty() {
-            break;
-        }
-        let at = offset.checked_add(done as u64).ok_or_else(|| corrupt("read", "offset overflows"))?;
-        let n = volume.read_at(at, rest)?;
-        if n == 0 {
-            break;
-        }
-        done += n.min(rest.len());
-    }
-    Ok(done)
+    Ok(volume.read_at(offset, buf)?.min(buf.len()))
 }
 
 fn read_exact(volume: &dyn Volume, offset: u64, buf: &mut [u8], what: &str) -> Result<(), Ext4Error> {

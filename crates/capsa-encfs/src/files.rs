@@ -27,9 +27,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
-    MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
-    ReplyXattr, Request,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner, MountOption,
+    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr,
+    Request,
 };
 use lru::LruCache;
 
@@ -156,13 +156,9 @@ impl FileServer {
     }
 }
 
+// No `init`: the INIT reply can only lower the kernel's readahead, so the
+// mount raises it afterwards instead (`widen_readahead`).
 impl Filesystem for FileServer {
-    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        // Large sequential reads: up to 1 MiB a request.
-        let _ = config.set_max_readahead(1 << 20);
-        Ok(())
-    }
-
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let found = self
             .fs
@@ -314,6 +310,12 @@ impl MountedFiles {
     }
 }
 
+impl Drop for MountedFiles {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
 /// Raises the mount's readahead to [`READAHEAD_KIB`], best effort.
 ///
 /// The kernel starts a FUSE mount at 128 KiB of readahead, and the INIT
@@ -340,9 +342,3 @@ fn widen_readahead(target: &Path) {
 
 /// Readahead of a read-only mount, matching the 1 MiB requests FUSE allows.
 const READAHEAD_KIB: u32 = 1024;
-
-impl Drop for MountedFiles {
-    fn drop(&mut self) {
-        self.finish();
-    }
-}

@@ -85,10 +85,9 @@ fn errno(error: &Error) -> Errno {
 
 impl Filesystem for ImageDevice {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        // 1 MiB requests, the kernel's largest: one request per chunk when
-        // ext4 streams.
+        // 1 MiB writes, the kernel's largest: one request per chunk when
+        // ext4 streams. (Reads are direct I/O: readahead does not apply.)
         let _ = config.set_max_write(1 << 20);
-        let _ = config.set_max_readahead(1 << 20);
         // The loop device submits its requests asynchronously: let several
         // be in flight at once, one per serving thread and more queued.
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_ASYNC_DIO);

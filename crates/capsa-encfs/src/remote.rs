@@ -744,13 +744,12 @@ impl Store for RemoteStore {
             // Rewrite the object unchanged, on condition that it is still
             // what was read: whoever held it before can no longer replace it.
             let (bytes, version) = self.get_versioned(lease)?;
-            let Some(version) = version else {
-                self.warn_unconditional();
-                claim.conditional = false;
-                *self.lease() = Some(claim);
-                return Ok(());
+            let rewritten = match version {
+                Some(version) => self.put_with(lease, &bytes, PutMode::Update(version))?,
+                // Nothing to make the rewrite conditional on.
+                None => Put::Done(None),
             };
-            match self.put_with(lease, &bytes, PutMode::Update(version))? {
+            match rewritten {
                 Put::Done(Some(version)) => claim.version = Some(version),
                 Put::Done(None) | Put::Unsupported => {
                     self.warn_unconditional();
